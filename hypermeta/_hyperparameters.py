@@ -1,0 +1,176 @@
+"""Differentiable hyperparameters: what the user declares and how the engine stores them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_SCOPES = ("global", "per_group")
+
+LR_BOUNDS = (1e-6, 10.0)
+WEIGHT_DECAY_BOUNDS = (1e-8, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearningRate:
+    """Learning rate adapted by hypergradients.
+
+    Kept in log space and projected into ``bounds`` after every meta step.
+
+    Args:
+        init: the starting value.
+        scope: ``"global"`` (one rate for the whole model) or ``"per_group"`` (one per layer /
+            parameter group).
+        segments: number of piecewise-constant schedule segments over the training budget;
+            each segment is a separate hyperparameter.
+        bounds: ``(low, high)``; defaults to ``(1e-6, 10)``.
+
+    Example:
+        >>> import hypermeta
+        >>> hypermeta.LearningRate(init=0.01, scope="per_group", segments=4).segments
+        4
+    """
+
+    init: float
+    scope: str = "global"
+    segments: int = 1
+    bounds: tuple[float, float] = LR_BOUNDS
+
+    def __post_init__(self) -> None:
+        _check(self, "learning rate")
+        if not isinstance(self.segments, int) or self.segments < 1:
+            raise ValueError(f"learning rate segments must be an integer >= 1, got {self.segments!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightDecay:
+    """L2 regularization (coupled weight decay) adapted by hypergradients.
+
+    Args:
+        init: the starting value (must be > 0: it lives in log space).
+        scope: ``"global"`` or ``"per_group"``.
+        bounds: ``(low, high)``; defaults to ``(1e-8, 1)``.
+
+    Example:
+        >>> import hypermeta
+        >>> hypermeta.WeightDecay(init=1e-4).scope
+        'global'
+    """
+
+    init: float
+    scope: str = "global"
+    bounds: tuple[float, float] = WEIGHT_DECAY_BOUNDS
+
+    def __post_init__(self) -> None:
+        _check(self, "weight decay")
+
+
+def _check(spec: LearningRate | WeightDecay, what: str) -> None:
+    low, high = spec.bounds
+    if not 0 < low < high:
+        raise ValueError(f"{what} bounds must satisfy 0 < low < high, got {spec.bounds!r}")
+    if not low <= spec.init <= high:
+        raise ValueError(f"{what} init {spec.init!r} is outside its bounds {spec.bounds!r}")
+    if spec.scope not in _SCOPES:
+        raise ValueError(f"{what} scope must be one of {_SCOPES}, got {spec.scope!r}")
+
+
+class HyperParameters:
+    """The engine's view: log-space leaf tensors, one entry per (kind, segment, group).
+
+    ``log_lr`` has shape ``(segments, groups)`` (``groups`` is 1 for a global rate) and
+    ``log_weight_decay`` has shape ``(groups,)`` or is ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        learning_rate: LearningRate,
+        weight_decay: WeightDecay | None,
+        group_names: list[str],
+        total_steps: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.group_names = group_names
+        self.total_steps = total_steps
+        n_lr = len(group_names) if learning_rate.scope == "per_group" else 1
+        self.log_lr = torch.full(
+            (learning_rate.segments, n_lr), math.log(learning_rate.init), dtype=dtype, device=device
+        ).requires_grad_()
+        self.log_weight_decay = None
+        if weight_decay is not None:
+            n_wd = len(group_names) if weight_decay.scope == "per_group" else 1
+            self.log_weight_decay = torch.full(
+                (n_wd,), math.log(weight_decay.init), dtype=dtype, device=device
+            ).requires_grad_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The leaves the meta-optimizer updates."""
+        return [t for t in (self.log_lr, self.log_weight_decay) if t is not None]
+
+    def segment(self, step: int) -> int:
+        """The schedule segment that inner step ``step`` (0-based) falls in."""
+        return min(step * self.learning_rate.segments // self.total_steps, self.learning_rate.segments - 1)
+
+    def lrs(self, step: int) -> list[torch.Tensor]:
+        """Per-group learning rates (differentiable) for inner step ``step``."""
+        return self._per_group(self.log_lr[self.segment(step)].exp())
+
+    def weight_decays(self) -> list[torch.Tensor] | None:
+        if self.log_weight_decay is None:
+            return None
+        return self._per_group(self.log_weight_decay.exp())
+
+    def override(self, step: int) -> dict[str, list[torch.Tensor]]:
+        """``higher``-style override of the optimizer settings for inner step ``step``."""
+        override = {"lr": self.lrs(step)}
+        weight_decays = self.weight_decays()
+        if weight_decays is not None:
+            override["weight_decay"] = weight_decays
+        return override
+
+    def _per_group(self, values: torch.Tensor) -> list[torch.Tensor]:
+        if values.numel() == 1:
+            return [values[0]] * len(self.group_names)
+        return list(values.unbind())
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clamp every value into its bounds (in log space)."""
+        self.log_lr.clamp_(*(math.log(b) for b in self.learning_rate.bounds))
+        if self.log_weight_decay is not None:
+            self.log_weight_decay.clamp_(*(math.log(b) for b in self.weight_decay.bounds))
+
+    def entries(self) -> list[tuple[str, str, int, torch.Tensor, int]]:
+        """Every scalar hyperparameter as ``(name, group, segment, log-tensor, flat index)``."""
+        rows = []
+        lr_groups = self.group_names if self.log_lr.shape[1] > 1 else ["all"]
+        for segment in range(self.log_lr.shape[0]):
+            for index, group in enumerate(lr_groups):
+                rows.append(("lr", group, segment, self.log_lr, segment * len(lr_groups) + index))
+        if self.log_weight_decay is not None:
+            wd_groups = self.group_names if self.log_weight_decay.numel() > 1 else ["all"]
+            for index, group in enumerate(wd_groups):
+                rows.append(("weight_decay", group, 0, self.log_weight_decay, index))
+        return rows
+
+    def values(self) -> dict[str, float]:
+        """Current values keyed ``lr/<group>/<segment>`` and ``weight_decay/<group>``."""
+        out = {}
+        for name, group, segment, tensor, index in self.entries():
+            key = f"{name}/{group}" + (f"/{segment}" if name == "lr" else "")
+            out[key] = float(tensor.detach().flatten()[index].exp())
+        return out
+
+    def state(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self.tensors()]
+
+    @torch.no_grad()
+    def load_state(self, state: list[torch.Tensor]) -> None:
+        for tensor, saved in zip(self.tensors(), state, strict=True):
+            tensor.copy_(saved)

@@ -1,0 +1,35 @@
+"""Truncated reverse-mode hypergradients: unroll K steps with ``higher``, back-propagate."""
+
+from __future__ import annotations
+
+import higher
+import torch
+
+from hypermeta._private import diffopt
+from hypermeta._private.window import Window, nothing
+
+
+def unrolled_window(run, start: int, n_steps: int) -> Window:
+    """Train ``n_steps`` differentiably from the committed state; nothing is written until commit."""
+    model, optimizer, hyper = run.model, run.optimizer, run.hyper
+    fmodel = higher.monkeypatch(model, copy_initial_weights=True)
+    differentiable = diffopt.differentiable(optimizer, fmodel, model, override=None)
+    train_losses = []
+    for step in range(start, start + n_steps):
+        x, y = run.train_batches.next()
+        loss = run.loss_fn(fmodel(x), y)
+        differentiable.step(loss, override=hyper.override(step))
+        train_losses.append(loss.detach())
+    x, y = run.valid_batches.next()
+    valid_loss = run.loss_fn(fmodel(x), y)
+    leaves = hyper.tensors()
+    grads = torch.autograd.grad(valid_loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
+    fast_params = list(fmodel.fast_params)
+    return Window(
+        train_loss=torch.stack(train_losses).mean(),
+        valid_loss=valid_loss.detach(),
+        hypergradients=grads,
+        commit=lambda: diffopt.write_back(differentiable, optimizer, model, fast_params),
+        rollback=nothing,
+    )

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+import hypermeta
+from hypermeta._data import Batches
+from tests.conftest import mlp
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}, 0.05),
+    "adam": (torch.optim.Adam, {}, 0.005),
+}
+
+
+def _plain_torch(data, optimizer, steps):
+    """Training written directly against torch.optim, independent of the engine."""
+    cls, options, lr = OPTIMIZERS[optimizer]
+    model = mlp(dtype=torch.float64)
+    groups = [{"params": list(layer.parameters())} for layer in model if list(layer.parameters())]
+    opt = cls(groups, lr=lr, weight_decay=1e-3, **options)
+    batches = Batches(data.train, batch_size=16, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        x, y = batches.next()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("estimator", ["unrolled", "greedy"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_meta_lr_zero_reproduces_plain_training(small_digits, optimizer, estimator):
+    _, options, lr = OPTIMIZERS[optimizer]
+    steps = 23  # windows of 7 steps: state must carry across three truncations and a short window
+    expected_model, expected_opt = _plain_torch(small_digits, optimizer, steps)
+    result = hypermeta.train(
+        mlp(dtype=torch.float64), data=small_digits, steps=steps, batch_size=16, optimizer=optimizer,
+        optimizer_options=options, learning_rate=hypermeta.LearningRate(init=lr, scope="per_group"),
+        weight_decay=hypermeta.WeightDecay(init=1e-3),
+        hypergradient=hypermeta.Hypergradient(estimator=estimator, horizon=7, meta_lr=0.0),
+        eval_every=steps,
+    )
+    assert result.status == "completed" and result.steps == steps
+    assert (result.trajectory["hypergradient"].abs() > 0).any()
+    for got, want in zip(result.model.parameters(), expected_model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    expected_state = list(expected_opt.state.values())
+    assert len(expected_state) == 4
+    for got, want in zip(result.optimizer.state.values(), expected_state, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(
+                torch.as_tensor(got[key]).double(),
+                torch.as_tensor(want[key]).double(),
+                rtol=1e-10,
+                atol=1e-12,
+            )
+
+
+def _digits_run(data, lr, hypergradient, **kwargs):
+    return hypermeta.train(
+        mlp(hidden=128), data=data, steps=600, batch_size=32, optimizer_options={"momentum": 0.9},
+        learning_rate=hypermeta.LearningRate(init=lr), hypergradient=hypergradient, **kwargs,
+    )
+
+
+def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
+    """0.01 is 10x below the best fixed rate on this task (0.1, see benchmarks/short_horizon.py)."""
+    plain = _digits_run(digits, 0.01, None)
+    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient(horizon=20, meta_lr=0.2))
+    final_lr = learned.hyperparameters["lr/all/0"]
+    assert 0.03 < final_lr < 1.0
+    assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
+
+
+def test_exploding_initial_learning_rate_stops_with_a_reason(digits):
+    result = _digits_run(digits, 10.0, hypermeta.Hypergradient(horizon=5, max_failures=3))
+    assert result.status == "diverged"
+    assert "exceeds the limit" in result.reason and "lower the initial learning rate" in result.reason
+    assert result.rejected_steps == 4
+    assert torch.isfinite(torch.cat([p.flatten() for p in result.model.parameters()])).all()
+
+
+def test_exploding_meta_step_is_rejected_and_the_run_recovers(digits):
+    """A meta learning rate of 4 multiplies the rate by e^4 per hyper-step: the guard must catch it."""
+    result = _digits_run(digits, 0.1, hypermeta.Hypergradient(horizon=10, meta_lr=4.0, max_failures=20))
+    assert result.rejected_steps > 0
+    assert result.status == "completed", result.reason
+    assert torch.isfinite(torch.tensor(result.evaluations["valid_loss"].to_list())).all()
+
+
+def test_plain_run_that_diverges_stops_without_raising(digits):
+    result = _digits_run(digits, 10.0, None)
+    assert result.status == "diverged" and result.steps < 600
+
+
+def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_step(small_digits):
+    result = hypermeta.train(
+        mlp(dtype=torch.float64), data=small_digits, steps=20, batch_size=16,
+        learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group", segments=2),
+        weight_decay=hypermeta.WeightDecay(init=1e-3),
+        hypergradient=hypermeta.Hypergradient(horizon=5),
+    )
+    trajectory = result.trajectory
+    assert list(trajectory.columns) == hypermeta.TRAJECTORY_COLUMNS
+    assert sorted(trajectory["step"].unique()) == [5, 10, 15, 20]
+    assert len(trajectory) == 4 * (2 * 2 + 1)
+    assert set(trajectory["group"]) == {"0", "2", "all"}
+    lr_rows = trajectory[trajectory["name"] == "lr"]
+    early = lr_rows[lr_rows["step"] <= 10]  # segment 1 starts at step 10: no hypergradient yet
+    assert (early[early["segment"] == 1]["hypergradient"] == 0).all()
+    assert (early[early["segment"] == 0]["hypergradient"] != 0).all()
+    assert result.evaluations["step"].iloc[-1] == 20
+    assert set(result.hyperparameters) == {"lr/0/0", "lr/0/1", "lr/2/0", "lr/2/1", "weight_decay/all"}
+
+
+def test_on_evaluation_can_stop_a_run(small_digits):
+    seen = []
+    result = hypermeta.train(
+        mlp(dtype=torch.float64), data=small_digits, steps=40, batch_size=16, eval_every=10,
+        learning_rate=hypermeta.LearningRate(init=0.05),
+        on_evaluation=lambda step, metrics: seen.append(step) or step >= 20,
+    )
+    assert seen == [10, 20]
+    assert result.status == "stopped" and result.steps == 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"optimizer": "adam", "optimizer_options": {"amsgrad": True}}, "amsgrad"),
+        ({"steps": 0}, "steps and batch_size must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(small_digits, kwargs, message):
+    lr = hypermeta.LearningRate(init=0.1)
+    arguments = dict(data=small_digits, steps=10, batch_size=8, learning_rate=lr)
+    with pytest.raises(ValueError, match=message):
+        hypermeta.train(mlp(dtype=torch.float64), **{**arguments, **kwargs})

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+import hypermeta
+from hypermeta._hyperparameters import HyperParameters
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: hypermeta.LearningRate(init=0.0), "outside its bounds"),
+        (lambda: hypermeta.LearningRate(init=0.1, bounds=(1.0, 0.1)), "0 < low < high"),
+        (lambda: hypermeta.LearningRate(init=0.1, scope="layer"), "scope must be one of"),
+        (lambda: hypermeta.LearningRate(init=0.1, segments=0), "segments must be an integer"),
+        (lambda: hypermeta.WeightDecay(init=2.0), "outside its bounds"),
+        (lambda: hypermeta.Hypergradient(estimator="implicit"), "estimator must be one of"),
+        (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be >= 1"),
+        (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
+    ],
+)
+def test_invalid_specs_are_rejected(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def _hyper(segments=4, total_steps=100):
+    return HyperParameters(
+        learning_rate=hypermeta.LearningRate(
+            init=0.1, scope="per_group", segments=segments, bounds=(0.01, 1.0)
+        ),
+        weight_decay=hypermeta.WeightDecay(init=1e-3, bounds=(1e-4, 1e-2)),
+        group_names=["a", "b"], total_steps=total_steps, dtype=torch.float64, device=torch.device("cpu"),
+    )
+
+
+def test_segments_split_the_budget_evenly():
+    hyper = _hyper()
+    assert [hyper.segment(step) for step in (0, 24, 25, 74, 75, 99)] == [0, 0, 1, 2, 3, 3]
+
+
+def test_projection_clamps_into_bounds_in_log_space():
+    hyper = _hyper()
+    with torch.no_grad():
+        hyper.log_lr += 10.0
+        hyper.log_weight_decay -= 10.0
+    hyper.project()
+    values = hyper.values()
+    assert math.isclose(values["lr/a/0"], 1.0) and math.isclose(values["weight_decay/all"], 1e-4)
+
+
+def test_override_gives_one_value_per_group_for_the_current_segment():
+    hyper = _hyper()
+    with torch.no_grad():
+        hyper.log_lr[2, 1] = math.log(0.5)
+    override = hyper.override(60)
+    assert [v.item() for v in override["lr"]] == pytest.approx([0.1, 0.5])
+    assert [v.item() for v in override["weight_decay"]] == pytest.approx([1e-3, 1e-3])
