@@ -66,7 +66,7 @@ def _digits_run(data, lr, hypergradient, **kwargs):
 def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
     """0.01 is 10x below the best fixed rate on this task (0.1, see benchmarks/short_horizon.py)."""
     plain = _digits_run(digits, 0.01, None)
-    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient(horizon=20, meta_lr=0.2))
+    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient())
     final_lr = learned.hyperparameters["lr/all/0"]
     assert 0.03 < final_lr < 1.0
     assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
