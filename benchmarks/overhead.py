@@ -5,9 +5,9 @@ of the same initial model are trained side by side, batch size 32, SGD with mome
 
 * plain: K ordinary ``torch.optim`` steps (``hypermeta._private.plain.plain_step``), the cost
   of a hand-written training loop;
-* unrolled / greedy: one hyper-step as ``hypermeta``'s engine runs it -- the estimator's window
-  of K inner steps including the validation loss and its reverse pass, the divergence guard's check,
-  the commit and the meta-optimizer step.
+* unrolled / greedy: one hyper-step as ``hypermeta``'s engine runs it -- the estimator's
+  window of K inner steps including the validation loss and its reverse pass, the divergence
+  guard's check, the commit and the meta-optimizer step.
 
 A timed sample is a few windows back to back (about ``--steps-per-sample`` inner steps, so that
 K = 1 is not lost in timer noise). Samples of the three modes are interleaved, in a rotating
@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
-    parser.add_argument("--repeats", type=int, help="timed samples per mode (7; 3 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed samples per mode (9; 3 with --quick)")
     parser.add_argument(
-        "--steps-per-sample", type=int, help="inner steps per timed sample (50; 20 with --quick)"
+        "--steps-per-sample", type=int, help="inner steps per timed sample (80; 20 with --quick)"
     )
     parser.add_argument("--valid-batch-size", type=int, help="default: the whole split")
     parser.add_argument("--lr", type=float, default=0.05, help="inner learning rate (0.05)")
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="cProfile the unrolled hyper-step (MLP, K = 10)"
     )
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 7)
-    args.steps_per_sample = args.steps_per_sample or (20 if args.quick else 50)
+    args.repeats = args.repeats or (3 if args.quick else 9)
+    args.steps_per_sample = args.steps_per_sample or (20 if args.quick else 80)
     return args
 
 

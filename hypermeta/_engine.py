@@ -134,7 +134,8 @@ def train(
     Parameters are grouped by the module that owns them (one group per layer). Without
     ``hypergradient`` this is plain ``torch.optim`` training at the initial values.
     ``on_evaluation(step, metrics)`` is called after each evaluation on the validation split
-    (every ``eval_every`` steps -- by default about 10 times, at window ends -- and at the end); returning ``True`` stops the run.
+    (every ``eval_every`` steps -- by default about 10 times, at window ends -- and at the
+    end); returning ``True`` stops the run.
     ``on_steps(n)`` is told of every ``n`` inner steps done. Test data is never read.
 
     Divergence guard: a window whose loss is not finite or above ``max_loss_ratio`` times the

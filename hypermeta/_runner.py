@@ -1,0 +1,192 @@
+"""The Optuna outer loop: one engine run per trial, everything stored in an Optuna storage."""
+
+from __future__ import annotations
+
+import contextlib
+import runpy
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from hypermeta import _storage
+from hypermeta._engine import train
+from hypermeta._errors import UsageError
+from hypermeta._metrics import evaluate
+from hypermeta._study import Setup, Study
+
+SAMPLERS = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
+    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+TRAJECTORY_FILE = "trajectory.csv"
+EVALUATIONS_FILE = "evaluations.csv"
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """How ``hypermeta run`` runs a study; the CLI's flags."""
+
+    storage: str | None = None
+    artifacts: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    device: str = "cpu"
+    quiet: bool = False
+
+
+def load_study_file(path: str | Path) -> Study:
+    """The one :class:`Study` a study file defines."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"study file {path} does not exist; give the path of a .py file under studies/")
+    try:
+        namespace = runpy.run_path(str(path), run_name=f"hypermeta_study_{path.stem}")
+    except SyntaxError as error:
+        raise UsageError(f"study file {path} line {error.lineno}: syntax error ({error.msg}); fix it") from None
+    except Exception as error:
+        raise UsageError(f"study file {path} failed to load: {_describe(error)}; fix it") from None
+    studies = [value for value in namespace.values() if isinstance(value, Study)]
+    if len(studies) != 1:
+        found = "defines no hypermeta.Study" if not studies else f"defines {len(studies)} studies"
+        raise UsageError(f"study file {path} {found}; define exactly one: study = hypermeta.Study(...)")
+    return studies[0]
+
+
+def run_study(study: Study, options: RunOptions) -> optuna.Study:
+    """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    _check_build(study)
+    storage = _storage.open_storage(options.storage, create=True)
+    store = _storage.artifact_store(options.storage, options.artifacts, create=True)
+    sampler = SAMPLERS[options.sampler](options.seed)
+    stored = optuna.create_study(
+        storage=storage, study_name=study.name, direction=study.direction, sampler=sampler,
+        pruner=study.make_pruner(), load_if_exists=True,
+    )
+    if stored.direction.name.lower() != study.direction:
+        raise UsageError(
+            f"study {study.name!r} is stored with direction {stored.direction.name.lower()}, but the study"
+            f" file's metric {study.metric!r} is to {study.direction}; rename the study"
+        )
+    target = options.n_trials or study.n_trials
+    remaining = target - _count_finished(stored)
+    if remaining <= 0:
+        return stored
+    objective = _Objective(study, options, store, remaining)
+    with objective.progress:
+        stored.optimize(
+            objective, n_trials=remaining, timeout=options.timeout, catch=(Exception,),
+            callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), objective.on_trial_end],
+        )
+    return stored
+
+
+def _count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _check_build(study: Study) -> None:
+    """Build one throw-away trial in memory, so a broken build function writes nothing anywhere."""
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    try:
+        setup = study.build(trial)
+    except Exception as error:
+        raise UsageError(f"the build function of study {study.name!r} raised {_describe(error)}; fix it") from None
+    if not isinstance(setup, Setup):
+        raise UsageError(
+            f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
+        )
+
+
+class _Objective:
+    def __init__(self, study: Study, options: RunOptions, store, n_trials: int) -> None:
+        self.study, self.options, self.store = study, options, store
+        self.progress = _Progress(n_trials, quiet=options.quiet)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        seed = self.options.seed + trial.number
+        torch.manual_seed(seed)
+        setup = self.study.build(trial)
+        if not isinstance(setup, Setup):
+            raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
+        self.progress.start_trial(setup.steps)
+        result = train(
+            setup.model, data=setup.data, steps=setup.steps, batch_size=setup.batch_size,
+            learning_rate=setup.learning_rate, weight_decay=setup.weight_decay, optimizer=setup.optimizer,
+            optimizer_options=setup.optimizer_options, hypergradient=setup.hypergradient,
+            loss_fn=setup.loss_fn, eval_every=setup.eval_every, seed=seed, device=self.options.device,
+            on_evaluation=lambda step, metrics: self._report(trial, step, metrics),
+            on_steps=self.progress.steps,
+        )
+        self._store(trial, result)
+        if result.status != "completed":
+            trial.set_user_attr("stop_reason", result.reason)
+            raise optuna.TrialPruned(result.reason)
+        test = evaluate(result.model, setup.data.test.to(self.options.device), setup.loss_fn)
+        for name, value in test.items():
+            trial.set_user_attr(f"test_{name}", value)
+        return float(result.evaluations[self.study.metric].iloc[-1])
+
+    def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float]) -> bool:
+        trial.report(metrics[self.study.metric], step)
+        return trial.should_prune()
+
+    def _store(self, trial: optuna.Trial, result) -> None:
+        trial.set_user_attr("hyperparameters", result.hyperparameters)
+        trial.set_user_attr("steps", result.steps)
+        trial.set_user_attr("rejected_steps", result.rejected_steps)
+        with tempfile.TemporaryDirectory() as directory:
+            for name, frame in ((TRAJECTORY_FILE, result.trajectory), (EVALUATIONS_FILE, result.evaluations)):
+                path = Path(directory) / name
+                frame.to_csv(path, index=False)
+                upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+
+    def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.progress.end_trial(study, trial)
+
+
+class _Progress:
+    """A bar of trials and a bar of the current trial's inner steps (nothing with ``quiet``)."""
+
+    def __init__(self, n_trials: int, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.trials = tqdm(total=n_trials, desc="trials", unit="trial", disable=quiet, position=0)
+        self.inner = tqdm(total=0, desc="steps", unit="step", disable=quiet, position=1, leave=False)
+
+    def start_trial(self, steps: int) -> None:
+        self.inner.reset(total=steps)
+
+    def steps(self, n: int) -> None:
+        self.inner.update(n)
+
+    def end_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.trials.update(1)
+        with contextlib.suppress(ValueError):
+            self.trials.set_postfix(best=f"{study.best_value:.4g}", refresh=False)
+
+    def __enter__(self) -> _Progress:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inner.close()
+        self.trials.close()
+
+
+def _describe(error: BaseException) -> str:
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

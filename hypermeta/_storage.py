@@ -1,0 +1,88 @@
+"""Where studies live: an Optuna storage URL and a file-system artifact store beside it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+
+from hypermeta._errors import UsageError
+
+DEFAULT_DIRECTORY = ".hypermeta"
+DEFAULT_DATABASE = "hypermeta.db"
+SQLITE_TIMEOUT_S = 60
+
+
+def default_url() -> str:
+    """``sqlite:///<project>/.hypermeta/hypermeta.db``, the project being the working directory."""
+    return f"sqlite:///{Path.cwd() / DEFAULT_DIRECTORY / DEFAULT_DATABASE}"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs, errors and reports."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+def sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def open_storage(url: str | None, *, create: bool) -> optuna.storages.BaseStorage:
+    """The storage behind ``url`` (default: the project's SQLite file).
+
+    With ``create=False`` a missing SQLite file is an error instead of a new empty database, so
+    that reading commands never write.
+    """
+    url = url or default_url()
+    path = sqlite_path(url)
+    if path is not None:
+        if path.exists() and path.is_dir():
+            raise UsageError(f"storage {redact(url)} is a directory; give a database file")
+        if not path.exists():
+            if not create:
+                raise UsageError(
+                    f"no study storage at {path}: run `hypermeta run STUDY_FILE` first or pass --storage URL"
+                )
+            if url == default_url():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            elif not path.parent.is_dir():
+                raise UsageError(f"storage {redact(url)}: directory {path.parent} does not exist; create it")
+    if urlsplit(url).scheme == "" or "://" not in url:
+        raise UsageError(f"storage {url!r} is not a URL; use e.g. sqlite:///path/to/file.db")
+    try:
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if path is not None else None
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError:
+        raise UsageError(
+            f"storage {redact(url)}: no database driver for it is installed (e.g. pip install psycopg2-binary)"
+        ) from None
+    except Exception as error:  # SQLAlchemy reports bad URLs and unreachable servers many ways
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot open storage {redact(url)}: {redact(first_line)}; check the URL") from None
+
+
+def artifact_store(url: str | None, artifacts: str | None, *, create: bool) -> FileSystemArtifactStore:
+    """Artifacts go to ``artifacts`` if given, else beside the SQLite file, else under the project."""
+    if artifacts is not None:
+        directory = Path(artifacts)
+    else:
+        path = sqlite_path(url or default_url())
+        directory = (path.parent if path else Path.cwd() / DEFAULT_DIRECTORY) / "artifacts"
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.is_dir():
+        raise UsageError(f"no artifact store at {directory}: pass --artifacts DIR where the trajectories are")
+    return FileSystemArtifactStore(str(directory))
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    names = [s.study_name for s in storage.get_all_studies()]
+    if name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise UsageError(f"no study named {name!r} in this storage (studies: {known}); check the name")
+    return optuna.load_study(study_name=name, storage=storage)

@@ -1,0 +1,35 @@
+"""Quickstart: an MLP on scikit-learn's digits, learning rate and weight decay adapted online.
+
+    hypermeta run studies/digits_mlp.py
+"""
+
+import torch
+
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+
+
+def build(trial):
+    width = trial.suggest_int("width", 32, 256, log=True)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10)
+    )
+    return hypermeta.Setup(
+        model=model,
+        data=DATA,
+        steps=600,
+        batch_size=trial.suggest_categorical("batch_size", [16, 32, 64]),
+        optimizer="sgd",
+        optimizer_options={"momentum": 0.9},
+        learning_rate=hypermeta.LearningRate(
+            init=trial.suggest_float("lr_init", 1e-3, 1.0, log=True), scope="per_group"
+        ),
+        weight_decay=hypermeta.WeightDecay(init=trial.suggest_float("weight_decay_init", 1e-6, 1e-2, log=True)),
+        hypergradient=hypermeta.Hypergradient(
+            horizon=20, meta_lr=trial.suggest_float("meta_lr", 0.02, 0.5, log=True)
+        ),
+    )
+
+
+study = hypermeta.Study(name="digits-mlp", build=build, metric="valid_loss", n_trials=12)
