@@ -66,6 +66,8 @@ class Batches:
         self._position = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batch_size == len(self._split):  # the whole split: order does not matter
+            return self._split.x, self._split.y
         if self._position + self._batch_size > len(self._order):
             self._order = torch.randperm(len(self._split), generator=self._generator)
             self._position = 0

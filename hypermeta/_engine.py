@@ -7,10 +7,10 @@ hyperparameters (in log space) before the next window.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -21,7 +21,7 @@ from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDeca
 from hypermeta._metrics import evaluate
 from hypermeta._private import diffopt
 from hypermeta._private.greedy import greedy_window
-from hypermeta._private.plain import plain_step, restore, snapshot
+from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
 
@@ -108,6 +108,7 @@ class _Run:
     train_batches: Batches
     valid_batches: Batches
     rows: list[dict] = field(default_factory=list)
+    patched: Any = None  # the unrolled estimator's monkey-patched model, made once per run
 
 
 def train(
@@ -283,15 +284,15 @@ class _MetaStep:
 
     def reject(self) -> None:
         """Back to the values before the last meta step, with half the meta learning rate."""
-        hyper_state, optimizer_state = self.saved
+        hyper_state, meta_state = self.saved
         self.hyper.load_state(hyper_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(self.optimizer, meta_state)
         self.meta_lr /= 2
         for group in self.optimizer.param_groups:
             group["lr"] = self.meta_lr
 
     def _save(self):
-        return self.hyper.state(), copy.deepcopy(self.optimizer.state_dict())
+        return self.hyper.state(), optimizer_state(self.optimizer)
 
 
 def _plain_window(run: _Run, start: int, n_steps: int) -> Window:
@@ -339,6 +340,9 @@ def _parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramet
 
 def _inner_optimizer(name, options, groups, learning_rate, weight_decay) -> torch.optim.Optimizer:
     _one_of("optimizer", name, _OPTIMIZERS)
+    for reserved in ("lr", "weight_decay"):
+        if reserved in (options or {}):
+            raise ValueError(f"optimizer_options must not set {reserved!r}: use learning_rate= / weight_decay=")
     param_groups = [{"params": params} for params in groups.values()]
     optimizer = _OPTIMIZERS[name](
         param_groups, lr=learning_rate.init,

@@ -130,6 +130,7 @@ def test_on_evaluation_can_stop_a_run(small_digits):
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"optimizer": "adam", "optimizer_options": {"amsgrad": True}}, "amsgrad"),
         ({"steps": 0}, "steps and batch_size must be >= 1"),
+        ({"optimizer_options": {"lr": 0.1}}, "must not set 'lr'"),
     ],
 )
 def test_bad_arguments_are_named(small_digits, kwargs, message):

@@ -4,8 +4,9 @@ Training runs as plain ``torch.optim`` steps. Each step adds the derivative of t
 respect to its learning rate and weight decay -- optimizer state held fixed, so no second-order
 terms -- to a running direction. At the end of a window of K steps the validation gradient is
 dotted with those directions. With K = 1 this is exactly d(valid loss after the step)/d(value).
-Its cost over plain training is a copy of the weights per step and one validation gradient per
-window.
+Its cost over plain training is a few element-wise operations per step (plus a copy of the
+weights, except for heavy-ball SGD whose momentum buffer is the direction) and one validation
+gradient per window.
 """
 
 from __future__ import annotations
@@ -19,29 +20,36 @@ from hypermeta._private.window import Window, nothing
 def greedy_window(run, start: int, n_steps: int) -> Window:
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
-    lr_directions = [[None] * hyper.log_lr.shape[1] for _ in range(hyper.log_lr.shape[0])]
-    wd_directions = None if hyper.log_weight_decay is None else [None] * len(hyper.log_weight_decay)
+    groups = [[p.detach() for p in group["params"]] for group in optimizer.param_groups]
+    lr_slot = _slots(hyper.log_lr.shape[1])
+    wd_slot = None if hyper.log_weight_decay is None else _slots(len(hyper.log_weight_decay))
+    lr_directions, wd_directions = {}, {}  # (row, column) of the log tensor -> group -> per-parameter sums
     train_losses = []
     for step in range(start, start + n_steps):
-        before = [p.detach().clone() for p in model.parameters()]
-        had_state = {p: bool(optimizer.state.get(p)) for p in model.parameters()}
+        before = None if _lr_direction_in_state(optimizer) else [torch._foreach_mul(p, 1.0) for p in groups]
+        had_state = wd_slot and [[bool(optimizer.state.get(p)) for p in params] for params in groups]
         train_losses.append(plain_step(model, optimizer, hyper, run.loss_fn, run.train_batches.next(), step))
         segment = hyper.segment(step)
-        per_group_lr = hyper.log_lr.shape[1] > 1
-        per_group_wd = wd_directions is not None and len(wd_directions) > 1
-        weights = dict(zip(model.parameters(), before, strict=True))
-        for group_index, group in enumerate(optimizer.param_groups):
-            lr_slot = group_index if per_group_lr else 0
-            for p in group["params"]:
-                d_lr = (p.detach() - weights[p]) / group["lr"]
-                _accumulate(lr_directions[segment], lr_slot, p, d_lr)
-                if wd_directions is not None:
-                    d_wd = _d_update_d_weight_decay(optimizer, group, p, weights[p], had_state[p])
-                    _accumulate(wd_directions, group_index if per_group_wd else 0, p, d_wd)
-    valid_loss, valid_grads = _valid_gradient(run)
+        for index, (group, params) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+            if before is None:  # SGD with heavy-ball momentum: the update is -lr * buffer
+                buffers = [optimizer.state[p]["momentum_buffer"] for p in group["params"]]
+                d_lr = torch._foreach_neg(buffers)
+                weights = wd_slot and torch._foreach_add(params, buffers, alpha=group["lr"])
+            else:
+                d_lr = torch._foreach_sub(params, before[index])
+                torch._foreach_div_(d_lr, group["lr"])
+                weights = before[index]
+            _accumulate(lr_directions, (segment, lr_slot(index)), index, d_lr)
+            if wd_slot is not None:
+                d_wd = [
+                    _d_update_d_weight_decay(optimizer, group, p, w, had)
+                    for p, w, had in zip(group["params"], weights, had_state[index], strict=True)
+                ]
+                _accumulate(wd_directions, (0, wd_slot(index)), index, d_wd)
+    valid_loss, valid_grads = _valid_gradient(run, groups)
     grads = [_contract(lr_directions, valid_grads, hyper.log_lr)]
-    if wd_directions is not None:
-        grads.append(_contract([wd_directions], valid_grads, hyper.log_weight_decay[None])[0])
+    if wd_slot is not None:
+        grads.append(_contract(wd_directions, valid_grads, hyper.log_weight_decay[None])[0])
     return Window(
         train_loss=torch.stack(train_losses).mean(),
         valid_loss=valid_loss,
@@ -51,29 +59,43 @@ def greedy_window(run, start: int, n_steps: int) -> Window:
     )
 
 
-def _accumulate(slots: list, slot: int, param: torch.Tensor, direction: torch.Tensor) -> None:
-    if slots[slot] is None:
-        slots[slot] = {}
-    held = slots[slot].get(param)
-    slots[slot][param] = direction if held is None else held + direction
+def _lr_direction_in_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether d(new weights)/d(lr) is minus the momentum buffer, so the weights need no copy."""
+    return isinstance(optimizer, torch.optim.SGD) and all(
+        group["momentum"] > 0 and not group["nesterov"] for group in optimizer.param_groups
+    )
 
 
-def _valid_gradient(run) -> tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]]:
-    params = list(run.model.parameters())
+def _slots(n_values: int):
+    """Which value of a hyperparameter a parameter group uses: its own, or the shared one."""
+    return (lambda group: group) if n_values > 1 else (lambda group: 0)
+
+
+def _accumulate(directions: dict, key: tuple[int, int], group: int, direction: list[torch.Tensor]) -> None:
+    per_group = directions.setdefault(key, {})
+    if group in per_group:
+        torch._foreach_add_(per_group[group], direction)
+    else:
+        per_group[group] = direction
+
+
+def _valid_gradient(run, groups) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     x, y = run.valid_batches.next()
     loss = run.loss_fn(run.model(x), y)
-    grads = torch.autograd.grad(loss, params)
-    return loss.detach(), dict(zip(params, grads, strict=True))
+    flat = iter(torch.autograd.grad(loss, params))
+    return loss.detach(), [[next(flat) for _ in params] for params in groups]
 
 
-def _contract(directions: list[list], valid_grads: dict, log_values: torch.Tensor) -> torch.Tensor:
+def _contract(directions: dict, valid_grads: list, log_values: torch.Tensor) -> torch.Tensor:
     """d(valid loss)/d(log value) = value * <valid gradient, d weights / d value>."""
     out = torch.zeros_like(log_values)
-    for row, slots in enumerate(directions):
-        for col, per_param in enumerate(slots):
-            if per_param:
-                dot = sum((valid_grads[p] * d).sum() for p, d in per_param.items())
-                out[row, col] = dot
+    for (row, column), per_group in directions.items():
+        out[row, column] = sum(
+            (grad * direction).sum()
+            for group, sums in per_group.items()
+            for grad, direction in zip(valid_grads[group], sums, strict=True)
+        )
     return out * log_values.detach().exp()
 
 

@@ -28,14 +28,19 @@ def plain_step(model, optimizer, hyper, loss_fn, batch, step: int) -> torch.Tens
     return loss.detach()
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """A copy of the optimizer's per-parameter state (cheaper than deep-copying its state_dict)."""
+    return {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    optimizer.state.clear()
+    optimizer.state.update(state)
+
+
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """Copies of the weights and optimizer state, for :func:`restore`."""
-    weights = [p.detach().clone() for p in model.parameters()]
-    state = {
-        p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-        for p, s in optimizer.state.items()
-    }
-    return weights, state
+    return [p.detach().clone() for p in model.parameters()], optimizer_state(optimizer)
 
 
 @torch.no_grad()
@@ -43,5 +48,4 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved) -> 
     weights, state = saved
     for param, weight in zip(model.parameters(), weights, strict=True):
         param.copy_(weight)
-    optimizer.state.clear()
-    optimizer.state.update(state)
+    load_optimizer_state(optimizer, state)

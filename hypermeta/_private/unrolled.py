@@ -12,7 +12,7 @@ from hypermeta._private.window import Window, nothing
 def unrolled_window(run, start: int, n_steps: int) -> Window:
     """Train ``n_steps`` differentiably from the committed state; nothing is written until commit."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
-    fmodel = higher.monkeypatch(model, copy_initial_weights=True)
+    fmodel = _patched(run)
     differentiable = diffopt.differentiable(optimizer, fmodel, model, override=None)
     train_losses = []
     for step in range(start, start + n_steps):
@@ -33,3 +33,17 @@ def unrolled_window(run, start: int, n_steps: int) -> Window:
         commit=lambda: diffopt.write_back(differentiable, optimizer, model, fast_params),
         rollback=nothing,
     )
+
+
+def _patched(run):
+    """The run's patched module, its fast weights reset to the committed weights.
+
+    Patching costs as much as a few training steps, so it is done once per run. ``higher`` keeps
+    every past set of fast weights (and so their graphs) in ``_fast_params``; it is cleared here
+    so a window holds only its own.
+    """
+    if run.patched is None:
+        run.patched = higher.monkeypatch(run.model, copy_initial_weights=True)
+    run.patched._fast_params = None
+    run.patched.update_params([p.detach().requires_grad_() for p in run.model.parameters()])
+    return run.patched
