@@ -45,7 +45,8 @@ class Hypergradient:
         horizon: K, the inner steps per hyper-step. Short horizons make the learned learning
             rate collapse (short-horizon bias); the default 20 is the shortest that held the
             rate near the best fixed one in ``benchmarks/short_horizon.py``.
-        meta_lr: the meta-optimizer's learning rate, in log space (with Adam, 0.2 moves a value
+        meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
+            Optuna to choose it from in each trial of a study (with Adam, 0.2 moves a value
             by at most about 20% per hyper-step). Keep ``meta_lr / horizon`` fixed when changing
             the horizon to keep the total movement the same.
         meta_optimizer: ``"adam"`` or ``"sgd"``.
@@ -60,7 +61,7 @@ class Hypergradient:
 
     estimator: str = "unrolled"
     horizon: int = 20
-    meta_lr: float = 0.2
+    meta_lr: float | tuple[float, float] = 0.2
     meta_optimizer: str = "adam"
     max_failures: int = 5
     valid_batch_size: int | None = None
@@ -70,7 +71,10 @@ class Hypergradient:
         _one_of("meta_optimizer", self.meta_optimizer, _META_OPTIMIZERS)
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
-        if not self.meta_lr >= 0:
+        if isinstance(self.meta_lr, tuple):
+            if len(self.meta_lr) != 2 or not 0 < self.meta_lr[0] < self.meta_lr[1]:
+                raise ValueError(f"a meta_lr range must be (low, high) with 0 < low < high, got {self.meta_lr}")
+        elif not self.meta_lr >= 0:
             raise ValueError(f"meta_lr must be >= 0, got {self.meta_lr}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
@@ -123,6 +127,7 @@ def train(
     optimizer_options: dict | None = None,
     hypergradient: Hypergradient | None = None,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    initial_values: dict[str, float] | None = None,
     eval_every: int | None = None,
     max_loss_ratio: float = 10.0,
     seed: int = 0,
@@ -134,6 +139,8 @@ def train(
 
     Parameters are grouped by the module that owns them (one group per layer). Without
     ``hypergradient`` this is plain ``torch.optim`` training at the initial values.
+    ``initial_values`` starts single entries elsewhere than ``init``, keyed as
+    ``TrainResult.hyperparameters`` is (``"lr/<group>/<segment>"``, ``"weight_decay/<group>"``).
     ``on_evaluation(step, metrics)`` is called after each evaluation on the validation split
     (every ``eval_every`` steps -- by default about 10 times, at window ends -- and at the
     end); returning ``True`` stops the run.
@@ -168,6 +175,7 @@ def train(
         loss_fn=loss_fn, seed=seed,
         valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or len(data.valid),
     )
+    run.hyper.load_values(initial_values or {})
     on_steps = on_steps or (lambda n: None)
     outcome = _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps)
     return TrainResult(
@@ -192,7 +200,7 @@ def build_run(
     Training and validation batches come from separate generators, so the training batches of a
     run do not depend on whether hypergradients are computed.
     """
-    groups = _parameter_groups(model)
+    groups = parameter_groups(model)
     parameter = next(model.parameters())
     hyper = HyperParameters(
         learning_rate=learning_rate, weight_decay=weight_decay, group_names=list(groups),
@@ -268,6 +276,8 @@ class _MetaStep:
     def __init__(self, hyper: HyperParameters, hypergradient: Hypergradient) -> None:
         self.hyper = hyper
         self.estimator = _ESTIMATORS[hypergradient.estimator]
+        if isinstance(hypergradient.meta_lr, tuple):
+            raise ValueError(f"meta_lr={hypergradient.meta_lr} is a search range; give train() a number")
         self.meta_lr = hypergradient.meta_lr
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
@@ -327,7 +337,8 @@ def _divergence(problem: str, step: int, failures: int) -> str:
     return f"diverged after step {step}: {problem}{tries}; lower the initial learning rate"
 
 
-def _parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """One group per module that owns trainable parameters, named as in ``named_modules``."""
     groups = {}
     for name, module in model.named_modules():
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]

@@ -20,7 +20,8 @@ class LearningRate:
     Kept in log space and projected into ``bounds`` after every meta step.
 
     Args:
-        init: the starting value.
+        init: the starting value, or a ``(low, high)`` range for Optuna to choose it from (log
+            scale) in each trial of a study.
         scope: ``"global"`` (one rate for the whole model) or ``"per_group"`` (one per layer /
             parameter group).
         segments: number of piecewise-constant schedule segments over the training budget;
@@ -33,7 +34,7 @@ class LearningRate:
         4
     """
 
-    init: float
+    init: float | tuple[float, float]
     scope: str = "global"
     segments: int = 1
     bounds: tuple[float, float] = LR_BOUNDS
@@ -49,7 +50,8 @@ class WeightDecay:
     """L2 regularization (coupled weight decay) adapted by hypergradients.
 
     Args:
-        init: the starting value (must be > 0: it lives in log space).
+        init: the starting value (must be > 0: it lives in log space), or a ``(low, high)`` range
+            for Optuna to choose it from in each trial of a study.
         scope: ``"global"`` or ``"per_group"``.
         bounds: ``(low, high)``; defaults to ``(1e-8, 1)``.
 
@@ -59,7 +61,7 @@ class WeightDecay:
         'global'
     """
 
-    init: float
+    init: float | tuple[float, float]
     scope: str = "global"
     bounds: tuple[float, float] = WEIGHT_DECAY_BOUNDS
 
@@ -71,8 +73,12 @@ def _check(spec: LearningRate | WeightDecay, what: str) -> None:
     low, high = spec.bounds
     if not 0 < low < high:
         raise ValueError(f"{what} bounds must satisfy 0 < low < high, got {spec.bounds!r}")
-    if not low <= spec.init <= high:
-        raise ValueError(f"{what} init {spec.init!r} is outside its bounds {spec.bounds!r}")
+    init = spec.init
+    if isinstance(init, tuple):
+        if len(init) != 2 or not low <= init[0] < init[1] <= high:
+            raise ValueError(f"{what} init range {init!r} must be (low, high) inside its bounds {spec.bounds!r}")
+    elif not low <= init <= high:
+        raise ValueError(f"{what} init {init!r} is outside its bounds {spec.bounds!r}")
     if spec.scope not in _SCOPES:
         raise ValueError(f"{what} scope must be one of {_SCOPES}, got {spec.scope!r}")
 
@@ -94,6 +100,11 @@ class HyperParameters:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
+        for spec in (learning_rate, weight_decay):
+            if spec is not None and isinstance(spec.init, tuple):
+                raise ValueError(
+                    f"init={spec.init!r} is a search range, chosen per trial by `hypermeta run`; give train() a number"
+                )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.group_names = group_names
@@ -161,11 +172,27 @@ class HyperParameters:
 
     def values(self) -> dict[str, float]:
         """Current values keyed ``lr/<group>/<segment>`` and ``weight_decay/<group>``."""
-        out = {}
-        for name, group, segment, tensor, index in self.entries():
-            key = f"{name}/{group}" + (f"/{segment}" if name == "lr" else "")
-            out[key] = float(tensor.detach().flatten()[index].exp())
-        return out
+        return {
+            self._key(name, group, segment): float(tensor.detach().flatten()[index].exp())
+            for name, group, segment, tensor, index in self.entries()
+        }
+
+    @staticmethod
+    def _key(name: str, group: str, segment: int) -> str:
+        return f"{name}/{group}" + (f"/{segment}" if name == "lr" else "")
+
+    @torch.no_grad()
+    def load_values(self, values: dict[str, float]) -> None:
+        """Start from ``values``, keyed as :meth:`values` returns them."""
+        entries = {self._key(*entry[:3]): entry[3:] for entry in self.entries()}
+        for key, value in values.items():
+            if key not in entries:
+                raise ValueError(f"no hyperparameter {key!r}; this run has {', '.join(entries)}")
+            spec = self.learning_rate if key.startswith("lr/") else self.weight_decay
+            if not spec.bounds[0] <= value <= spec.bounds[1]:
+                raise ValueError(f"{key} = {value!r} is outside its bounds {spec.bounds!r}")
+            tensor, index = entries[key]
+            tensor.view(-1)[index] = math.log(value)
 
     def state(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]

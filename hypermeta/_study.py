@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hypermeta._data import Dataset
-from hypermeta._engine import Hypergradient
+from hypermeta._engine import Hypergradient, parameter_groups
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 
 METRICS = {"valid_loss": "minimize", "valid_accuracy": "maximize", "valid_macro_f1": "maximize"}
@@ -94,3 +96,78 @@ class Study:
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         return self.pruner or optuna.pruners.MedianPruner(n_startup_trials=3)
+
+
+def resolve(setup: Setup, trial: optuna.Trial, *, online: bool = True) -> tuple[Setup, dict[str, float]]:
+    """Let ``trial`` choose what ``setup`` leaves to the search; returns it and initial values.
+
+    ``online``: each ``init=(low, high)`` range becomes one parameter (``lr_init``,
+    ``weight_decay_init``) and ``meta_lr=(low, high)`` becomes ``meta_lr``; hypergradients then
+    move the values during training. Otherwise (black-box search) every entry -- each group and
+    schedule segment -- becomes its own parameter over the init range (the bounds where the init
+    is a fixed number), held fixed during the run, and hypergradients are switched off.
+    """
+    if online:
+        return _suggest_online(setup, trial), {}
+    specs = {"lr": setup.learning_rate, "weight_decay": setup.weight_decay}
+    values = {
+        key: trial.suggest_float(key, *search_range(specs[key.split("/")[0]]), log=True)
+        for key in hyperparameter_keys(setup)
+    }
+    return _fixed_inits(setup, hypergradient=None), values
+
+
+def search_range(spec: LearningRate | WeightDecay) -> tuple[float, float]:
+    return spec.init if isinstance(spec.init, tuple) else spec.bounds
+
+
+def hyperparameter_keys(setup: Setup) -> list[str]:
+    """Every scalar differentiable hyperparameter of ``setup``, keyed as the engine reports them."""
+    groups = list(parameter_groups(setup.model))
+    lr = setup.learning_rate
+    keys = [
+        f"lr/{group}/{segment}"
+        for segment in range(lr.segments)
+        for group in (groups if lr.scope == "per_group" else ["all"])
+    ]
+    if setup.weight_decay is not None:
+        keys += [f"weight_decay/{g}" for g in (groups if setup.weight_decay.scope == "per_group" else ["all"])]
+    return keys
+
+
+def geometric_middle(low: float, high: float) -> float:
+    return math.sqrt(low * high)
+
+
+def _suggest_online(setup: Setup, trial: optuna.Trial) -> Setup:
+    def choose(spec, name):
+        if spec is None or not isinstance(spec.init, tuple):
+            return spec
+        return dataclasses.replace(spec, init=trial.suggest_float(name, *spec.init, log=True))
+
+    hypergradient = setup.hypergradient
+    if hypergradient is not None and isinstance(hypergradient.meta_lr, tuple):
+        meta_lr = trial.suggest_float("meta_lr", *hypergradient.meta_lr, log=True)
+        hypergradient = dataclasses.replace(hypergradient, meta_lr=meta_lr)
+    return dataclasses.replace(
+        setup,
+        learning_rate=choose(setup.learning_rate, "lr_init"),
+        weight_decay=choose(setup.weight_decay, "weight_decay_init"),
+        hypergradient=hypergradient,
+    )
+
+
+def _fixed_inits(setup: Setup, *, hypergradient: Hypergradient | None) -> Setup:
+    """``setup`` with every init range replaced by its geometric middle."""
+
+    def middle(spec):
+        if spec is None or not isinstance(spec.init, tuple):
+            return spec
+        return dataclasses.replace(spec, init=geometric_middle(*spec.init))
+
+    return dataclasses.replace(
+        setup,
+        learning_rate=middle(setup.learning_rate),
+        weight_decay=middle(setup.weight_decay),
+        hypergradient=hypergradient,
+    )

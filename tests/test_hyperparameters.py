@@ -57,3 +57,30 @@ def test_override_gives_one_value_per_group_for_the_current_segment():
     override = hyper.override(60)
     assert [v.item() for v in override["lr"]] == pytest.approx([0.1, 0.5])
     assert [v.item() for v in override["weight_decay"]] == pytest.approx([1e-3, 1e-3])
+
+
+def test_load_values_starts_single_entries_elsewhere():
+    hyper = _hyper()
+    hyper.load_values({"lr/b/3": 0.5, "weight_decay/all": 5e-3})
+    values = hyper.values()
+    assert values["lr/b/3"] == pytest.approx(0.5) and values["lr/a/3"] == pytest.approx(0.1)
+    assert values["weight_decay/all"] == pytest.approx(5e-3)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"), [({"lr/c/0": 0.1}, "no hyperparameter 'lr/c/0'"), ({"lr/a/0": 5.0}, "outside its bounds")]
+)
+def test_load_values_rejects_unknown_keys_and_values_out_of_bounds(values, message):
+    with pytest.raises(ValueError, match=message):
+        _hyper().load_values(values)
+
+
+def test_a_search_range_must_lie_inside_the_bounds_and_cannot_be_trained_directly():
+    assert hypermeta.LearningRate(init=(1e-3, 1.0)).init == (1e-3, 1.0)
+    with pytest.raises(ValueError, match="inside its bounds"):
+        hypermeta.WeightDecay(init=(1e-9, 1e-2))
+    with pytest.raises(ValueError, match="search range"):
+        HyperParameters(
+            learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0)), weight_decay=None, group_names=["a"],
+            total_steps=10, dtype=torch.float32, device=torch.device("cpu"),
+        )
