@@ -10,6 +10,15 @@ from hypermeta._study import Setup, Study
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "reports":  # imported on first use: it loads matplotlib
+        import importlib
+
+        return importlib.import_module("hypermeta.reports")
+    raise AttributeError(f"module 'hypermeta' has no attribute {name!r}")
+
+
 __all__ = [
     "TRAJECTORY_COLUMNS",
     "Dataset",

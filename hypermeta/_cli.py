@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import optuna
 import pandas as pd
 
 from hypermeta import _results, _storage
 from hypermeta._errors import UsageError
-from hypermeta._runner import SAMPLERS, RunOptions, load_study_file, run_study
+from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,15 +20,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else None
+    value = int(text) if text.isascii() and text.lstrip("-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+def _seed(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {text!r}")
     return int(text)
 
 
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive_float, help="stop starting trials after SECONDS")
     storage_flags(run)
     run.add_argument("--sampler", choices=sorted(SAMPLERS), default="tpe")
-    run.add_argument("--seed", type=_non_negative_int, default=0)
+    run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,6 +66,22 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("name")
         storage_flags(command)
+
+    report = commands.add_parser("report", help="write an HTML report with figures of a stored study")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="the study to report")
+    which.add_argument("--all", action="store_true", help="one report per stored study, and an index page")
+    storage_flags(report)
+    report.add_argument("--out", help="report directory (default: reports/NAME; with --all: reports)")
+
+    compare = commands.add_parser("compare", help="hypergradients against black-box search at equal budget")
+    compare.add_argument("study_file")
+    budget = compare.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-steps", type=_positive_int, help="inner training steps per arm and seed")
+    budget.add_argument("--budget-seconds", type=_positive_float, help="wall-clock seconds per arm and seed")
+    compare.add_argument("--seeds", type=_positive_int, default=3, help="repetitions with seeds 0..N-1 (default 3)")
+    compare.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    compare.add_argument("--out", help="report directory (default: reports/compare-NAME)")
     return parser
 
 
@@ -97,6 +114,21 @@ def _run(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from hypermeta import _compare as _compare_arms  # matplotlib is imported for this command only
+    from hypermeta.reports._html import directory_name
+
+    study = load_study_file(args.study_file)
+    budget = _compare_arms.Budget(steps=args.budget_steps, seconds=args.budget_seconds)
+    check_device(args.device)
+    out = Path(args.out or Path("reports") / f"compare-{directory_name(study.name)}")
+    trials = _compare_arms.run_arms(study, budget=budget, seeds=args.seeds, device=args.device)
+    _compare_arms.write_report(study, trials, budget=budget, out=out)
+    print((out / "README.md").read_text(), end="")
+    print(f"report written to {out}")
+    return 0
+
+
 def _studies(args) -> int:
     storage = _storage.open_storage(args.storage, create=False)
     rows = []
@@ -104,11 +136,12 @@ def _studies(args) -> int:
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         states = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        single = len(summary.directions) == 1  # other Optuna studies may share the storage
         rows.append({
             "study": summary.study_name,
-            "direction": summary.directions[0].name.lower(),
+            "direction": "/".join(d.name.lower() for d in summary.directions),
             **{state.name.lower(): int(states.get(state.name, 0)) for state in optuna.trial.TrialState},
-            "best value": study.best_value if completed else None,
+            "best value": study.best_value if completed and single else None,
         })
     if not rows:
         print("no studies in this storage")
@@ -129,6 +162,8 @@ def _trials(args) -> int:
 
 def _best(args) -> int:
     study = _results.open_study(args.name, args.storage)
+    if len(study.directions) != 1:
+        raise UsageError(f"study {args.name!r} has {len(study.directions)} objectives; use `hypermeta trials` for it")
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         raise UsageError(f"study {args.name!r} has no completed trial yet; run it first")
@@ -141,12 +176,30 @@ def _best(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from hypermeta import reports  # matplotlib is imported for this command only
+
+    if not args.all:
+        index = reports.write_report(study_name=args.name, storage=args.storage, artifacts=args.artifacts, out=args.out)
+        print(f"report of study {args.name!r}: {index}")
+        return 0
+    written = reports.write_all_reports(storage=args.storage, artifacts=args.artifacts, out=args.out)
+    for name, index in written.reports.items():
+        print(f"report of study {name!r}: {index}")
+    for name, reason in written.skipped.items():
+        print(f"hypermeta: skipped study {name!r}: {reason}", file=sys.stderr)
+    print(f"index of {len(written.reports)} reports: {written.index}")
+    return 0
+
+
 def _print_table(frame: pd.DataFrame) -> None:
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
         print(frame.to_string(index=frame.index.name is not None or not isinstance(frame.index, pd.RangeIndex)))
 
 
-_COMMANDS = {"run": _run, "studies": _studies, "trials": _trials, "best": _best}
+_COMMANDS = {
+    "run": _run, "studies": _studies, "trials": _trials, "best": _best, "report": _report, "compare": _compare,
+}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, value, parameters, final hyperparameters, test metrics."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        row = {"trial": trial.number, "state": trial.state.name, "value": trial.value}
+        values = trial.values or [None]
+        row = {"trial": trial.number, "state": trial.state.name, "value": values[0] if len(values) == 1 else values}
         row.update({f"param {k}": v for k, v in trial.params.items()})
         row.update({f"final {k}": v for k, v in trial.user_attrs.get("hyperparameters", {}).items()})
         row.update({k: v for k, v in trial.user_attrs.items() if k.startswith("test_")})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import runpy
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypermeta import _storage
 from hypermeta._engine import train
 from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
-from hypermeta._study import Setup, Study
+from hypermeta._study import Setup, Study, resolve
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -57,7 +58,7 @@ def load_study_file(path: str | Path) -> Study:
         raise UsageError(f"study file {path} line {error.lineno}: syntax error ({error.msg}); fix it") from None
     except Exception as error:
         raise UsageError(f"study file {path} failed to load: {_describe(error)}; fix it") from None
-    studies = [value for value in namespace.values() if isinstance(value, Study)]
+    studies = list({id(value): value for value in namespace.values() if isinstance(value, Study)}.values())
     if len(studies) != 1:
         found = "defines no hypermeta.Study" if not studies else f"defines {len(studies)} studies"
         raise UsageError(f"study file {path} {found}; define exactly one: study = hypermeta.Study(...)")
@@ -67,32 +68,53 @@ def load_study_file(path: str | Path) -> Study:
 def run_study(study: Study, options: RunOptions) -> optuna.Study:
     """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(options.device)
+    if options.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
     _check_build(study)
+    _storage.artifact_directory(options.storage, options.artifacts)  # a bad --artifacts fails before any write
     storage = _storage.open_storage(options.storage, create=True)
-    store = _storage.artifact_store(options.storage, options.artifacts, create=True)
-    sampler = SAMPLERS[options.sampler](options.seed)
+    existing = _existing_trials(storage, study)
+    # A continued study must not replay the first run's random draws: offset the seed by its trials.
+    sampler = SAMPLERS[options.sampler]((options.seed + existing) % 2**32)
     stored = optuna.create_study(
         storage=storage, study_name=study.name, direction=study.direction, sampler=sampler,
         pruner=study.make_pruner(), load_if_exists=True,
     )
-    if stored.direction.name.lower() != study.direction:
-        raise UsageError(
-            f"study {study.name!r} is stored with direction {stored.direction.name.lower()}, but the study"
-            f" file's metric {study.metric!r} is to {study.direction}; rename the study"
-        )
+    store = _storage.artifact_store(options.storage, options.artifacts, create=True)
     target = options.n_trials or study.n_trials
     remaining = target - _count_finished(stored)
     if remaining <= 0:
         return stored
-    objective = _Objective(study, options, store, remaining)
-    with objective.progress:
+    progress = _Progress(remaining, quiet=options.quiet)
+    objective = TrialRunner(study, seed=options.seed, device=options.device, store=store, progress=progress)
+    with progress:
         stored.optimize(
             objective, n_trials=remaining, timeout=options.timeout, catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), objective.on_trial_end],
+            callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), progress.end_trial],
         )
     return stored
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def _existing_trials(storage: optuna.storages.BaseStorage, study: Study) -> int:
+    """Trials (any state) of the stored study of that name, which must optimize the same one direction."""
+    for summary in storage.get_all_studies():
+        if summary.study_name != study.name:
+            continue
+        directions = [d.name.lower() for d in summary.directions]
+        if directions != [study.direction]:
+            raise UsageError(
+                f"study {study.name!r} is stored with direction {'/'.join(directions)}, but the study"
+                f" file's metric {study.metric!r} is to {study.direction}; rename the study"
+            )
+        study_id = storage.get_study_id_from_name(study.name)
+        return len(storage.get_all_trials(study_id, deepcopy=False))
+    return 0
 
 
 def _count_finished(study: optuna.Study) -> int:
@@ -112,51 +134,61 @@ def _check_build(study: Study) -> None:
         )
 
 
-class _Objective:
-    def __init__(self, study: Study, options: RunOptions, store, n_trials: int) -> None:
-        self.study, self.options, self.store = study, options, store
-        self.progress = _Progress(n_trials, quiet=options.quiet)
+class TrialRunner:
+    """The Optuna objective: one engine run per trial.
+
+    ``online``: hypergradients inside the trial, Optuna choosing initial values; otherwise every
+    differentiable hyperparameter is an ordinary parameter (see :func:`hypermeta._study.resolve`).
+    Without ``store`` no trajectories are kept.
+    """
+
+    def __init__(self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None):
+        self.study, self.seed, self.device, self.online, self.store = study, seed, device, online, store
+        self.progress = progress or _Progress(0, quiet=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        seed = self.options.seed + trial.number
+        seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
         if not isinstance(setup, Setup):
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
+        setup, initial_values = resolve(setup, trial, online=self.online)
         self.progress.start_trial(setup.steps)
+        started = time.perf_counter()
         result = train(
             setup.model, data=setup.data, steps=setup.steps, batch_size=setup.batch_size,
             learning_rate=setup.learning_rate, weight_decay=setup.weight_decay, optimizer=setup.optimizer,
             optimizer_options=setup.optimizer_options, hypergradient=setup.hypergradient,
-            loss_fn=setup.loss_fn, eval_every=setup.eval_every, seed=seed, device=self.options.device,
-            on_evaluation=lambda step, metrics: self._report(trial, step, metrics),
+            loss_fn=setup.loss_fn, initial_values=initial_values, eval_every=setup.eval_every, seed=seed,
+            device=self.device, on_evaluation=lambda step, metrics: self._report(trial, step, metrics, setup.steps),
             on_steps=self.progress.steps,
         )
+        trial.set_user_attr("seconds", time.perf_counter() - started)
         self._store(trial, result)
         if result.status != "completed":
-            trial.set_user_attr("stop_reason", result.reason)
-            raise optuna.TrialPruned(result.reason)
-        test = evaluate(result.model, setup.data.test.to(self.options.device), setup.loss_fn)
+            reason = f"pruned at step {result.steps}" if result.status == "stopped" else result.reason
+            trial.set_user_attr("stop_reason", reason)
+            raise optuna.TrialPruned(reason)
+        test = evaluate(result.model, setup.data.test.to(self.device), setup.loss_fn)
         for name, value in test.items():
             trial.set_user_attr(f"test_{name}", value)
         return float(result.evaluations[self.study.metric].iloc[-1])
 
-    def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float]) -> bool:
+    def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int) -> bool:
         trial.report(metrics[self.study.metric], step)
-        return trial.should_prune()
+        return step < steps and trial.should_prune()  # a run that has finished is complete, not pruned
 
     def _store(self, trial: optuna.Trial, result) -> None:
         trial.set_user_attr("hyperparameters", result.hyperparameters)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("rejected_steps", result.rejected_steps)
+        if self.store is None:
+            return
         with tempfile.TemporaryDirectory() as directory:
             for name, frame in ((TRAJECTORY_FILE, result.trajectory), (EVALUATIONS_FILE, result.evaluations)):
                 path = Path(directory) / name
                 frame.to_csv(path, index=False)
                 upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
-
-    def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.progress.end_trial(study, trial)
 
 
 class _Progress:

@@ -23,7 +23,7 @@ def default_url() -> str:
 
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***``, for logs, errors and reports."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", url)  # up to the last @: a password may hold one
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -66,15 +66,29 @@ def open_storage(url: str | None, *, create: bool) -> optuna.storages.BaseStorag
         raise UsageError(f"cannot open storage {redact(url)}: {redact(first_line)}; check the URL") from None
 
 
-def artifact_store(url: str | None, artifacts: str | None, *, create: bool) -> FileSystemArtifactStore:
-    """Artifacts go to ``artifacts`` if given, else beside the SQLite file, else under the project."""
+def artifact_directory(url: str | None, artifacts: str | None) -> Path:
+    """``artifacts`` if given, else ``artifacts/`` beside the SQLite file, else under the project."""
     if artifacts is not None:
         directory = Path(artifacts)
     else:
         path = sqlite_path(url or default_url())
         directory = (path.parent if path else Path.cwd() / DEFAULT_DIRECTORY) / "artifacts"
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"artifact store {directory}: {existing} is a file, not a directory; pass --artifacts DIR")
+    return directory
+
+
+def artifact_store(url: str | None, artifacts: str | None, *, create: bool) -> FileSystemArtifactStore:
+    """The file-system artifact store at :func:`artifact_directory`."""
+    directory = artifact_directory(url, artifacts)
     if create:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"cannot create artifact store {directory}: {error.strerror}; pass --artifacts DIR"
+            ) from None
     elif not directory.is_dir():
         raise UsageError(f"no artifact store at {directory}: pass --artifacts DIR where the trajectories are")
     return FileSystemArtifactStore(str(directory))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,17 @@ class Setup:
     hypergradient: Hypergradient | None = field(default_factory=Hypergradient)
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy
     eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (("model", torch.nn.Module), ("data", Dataset), ("learning_rate", LearningRate)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"Setup.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if value is None and name == "eval_every":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"Setup.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(kw_only=True)

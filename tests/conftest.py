@@ -3,6 +3,9 @@ import torch
 
 import hypermeta
 
+# The test models are tiny: one thread is faster, and two test processes do not fight over cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits() -> hypermeta.Dataset:

@@ -1,0 +1,278 @@
+"""``hypermeta compare``: hypergradients inside trials against black-box search, at equal budget.
+
+Four arms share one budget, counted in inner training steps or in wall-clock seconds (whichever
+the user fixes; the other is recorded):
+
+1. ``hypermeta``: Optuna (TPE) over the study's own choices and the initial values; hypergradients
+   move the differentiable hyperparameters inside each trial;
+2. ``tpe``: every differentiable hyperparameter (each group and segment) is an ordinary Optuna
+   parameter over the same range, held fixed during the trial;
+3. ``random``: random search over the space of 2;
+4. ``defaults``: the study's defaults (the middle of every range, the first of every choice)
+   trained once, without hypergradients, for the whole budget.
+
+Every arm uses the study's pruner and runs with the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from hypermeta._engine import train
+from hypermeta._errors import UsageError
+from hypermeta._metrics import evaluate
+from hypermeta._private.files import staged_directory
+from hypermeta._runner import TrialRunner
+from hypermeta._study import Study, hyperparameter_keys, resolve
+
+ARMS = ("hypermeta", "tpe", "random", "defaults")
+MAX_FAILURES_IN_A_ROW = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """The total each arm may spend: inner steps or seconds."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.seconds is None):
+            raise UsageError("give exactly one of --budget-steps and --budget-seconds")
+
+    @property
+    def unit(self) -> str:
+        return "steps" if self.steps is not None else "seconds"
+
+    @property
+    def total(self) -> float:
+        return self.steps if self.steps is not None else self.seconds
+
+
+def run_arms(study: Study, *, budget: Budget, seeds: int, device: str = "cpu", log=print) -> pd.DataFrame:
+    """One row per trial of every arm and seed, with cumulative steps and seconds."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    frames = []
+    for seed in range(seeds):
+        for arm in ARMS:
+            started = time.perf_counter()
+            rows = _defaults(study, budget, seed, device) if arm == "defaults" else _search(
+                study, arm, budget, seed, device
+            )
+            frame = pd.DataFrame(rows).assign(arm=arm, seed=seed)
+            frame["cum_steps"] = frame["steps"].cumsum()
+            frame["cum_seconds"] = frame["seconds"].cumsum()
+            frames.append(frame)
+            log(f"seed {seed} {arm:>9}: {len(frame)} trials, {time.perf_counter() - started:.1f} s")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> list[dict]:
+    sampler = optuna.samplers.RandomSampler(seed=seed) if arm == "random" else optuna.samplers.TPESampler(seed=seed)
+    search = optuna.create_study(direction=study.direction, sampler=sampler, pruner=study.make_pruner())
+    runner = TrialRunner(study, seed=seed * 10_000, device=device, online=arm == "hypermeta")
+    rows: list[dict] = []
+    last = [time.perf_counter()]
+
+    def on_trial_end(search: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        now = time.perf_counter()
+        rows.append(_row(trial, seconds=now - last[0]))
+        last[0] = now
+        recent = [row["state"] for row in rows[-MAX_FAILURES_IN_A_ROW:]]
+        if len(recent) == MAX_FAILURES_IN_A_ROW and set(recent) == {"FAIL"}:
+            search.stop()
+        spent = sum(row[budget.unit] for row in rows)
+        if spent >= budget.total:
+            search.stop()
+
+    search.optimize(runner, catch=(Exception,), callbacks=[on_trial_end])
+    if rows and all(row["state"] == "FAIL" for row in rows):
+        reason = search.trials[-1].system_attrs.get("fail_reason", "unknown").splitlines()[0]
+        raise UsageError(f"every {arm} trial failed ({reason}); fix the study file")
+    return rows
+
+
+def _row(trial: optuna.trial.FrozenTrial, *, seconds: float) -> dict:
+    return {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "value": trial.value if trial.state == optuna.trial.TrialState.COMPLETE else math.nan,
+        "steps": trial.user_attrs.get("steps", 0),
+        "seconds": seconds,
+        **{k: v for k, v in trial.user_attrs.items() if k.startswith("test_")},
+        **{f"param {name}": value for name, value in trial.params.items()},
+    }
+
+
+def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict]:
+    """The study's defaults trained once, for the whole budget."""
+    defaults = default_trial(study)
+    setup = study.build(defaults)
+    values = {key: _middle(setup, key) for key in hyperparameter_keys(setup)}
+    setup, _ = resolve(setup, optuna.trial.FixedTrial(values), online=False)
+    torch.manual_seed(seed * 10_000)
+    started = time.perf_counter()
+    steps = budget.steps or 10**9
+    stop_at = started + budget.seconds if budget.seconds else math.inf
+    result = train(
+        setup.model, data=setup.data, steps=steps, batch_size=setup.batch_size,
+        learning_rate=setup.learning_rate, weight_decay=setup.weight_decay, optimizer=setup.optimizer,
+        optimizer_options=setup.optimizer_options, loss_fn=setup.loss_fn, initial_values=values,
+        eval_every=setup.eval_every or max(setup.steps // 10, 1), seed=seed * 10_000, device=device,
+        on_evaluation=lambda step, metrics: time.perf_counter() >= stop_at,
+    )
+    value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan
+    test = evaluate(result.model, setup.data.test.to(device), setup.loss_fn)
+    return [{
+        "trial": 0, "state": "COMPLETE" if math.isfinite(value) else "FAIL", "value": value,
+        "steps": result.steps, "seconds": time.perf_counter() - started,
+        **{f"test_{k}": v for k, v in test.items()},
+        **{f"param {name}": v for name, v in {**defaults.params, **values}.items()},
+    }]
+
+
+def default_trial(study: Study) -> optuna.trial.FixedTrial:
+    """A trial that answers every ``suggest_*`` of ``study.build`` with its default."""
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    study.build(probe)
+    return optuna.trial.FixedTrial({name: _default(d) for name, d in probe.distributions.items()})
+
+
+def _default(distribution: optuna.distributions.BaseDistribution):
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return distribution.choices[0]
+    low, high = distribution.low, distribution.high
+    middle = math.sqrt(low * high) if distribution.log else (low + high) / 2
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        step = distribution.step
+        return int(low + round((middle - low) / step) * step)
+    return middle
+
+
+def _middle(setup, key: str) -> float:
+    spec = setup.learning_rate if key.startswith("lr/") else setup.weight_decay
+    if isinstance(spec.init, tuple):
+        return math.sqrt(spec.init[0] * spec.init[1])
+    return spec.init
+
+
+def best_so_far(trials: pd.DataFrame, *, axis: str, grid, direction: str) -> pd.DataFrame:
+    """Best value reached within each budget in ``grid`` (on ``axis``), per arm and seed."""
+    better: Callable = min if direction == "minimize" else max
+    rows = []
+    for (arm, seed), frame in trials.groupby(["arm", "seed"]):
+        for point in grid:
+            done = frame[(frame[axis] <= point) & frame["value"].notna()]
+            best = better(done["value"]) if len(done) else math.nan
+            rows.append({"arm": arm, "seed": seed, axis: point, "best": best})
+    return pd.DataFrame(rows)
+
+
+def summarize(trials: pd.DataFrame, *, budget: Budget, direction: str) -> pd.DataFrame:
+    """Per arm and seed: the best trial within the budget, its test metrics, and what was spent."""
+    axis = f"cum_{budget.unit}"
+    rows = []
+    for (arm, seed), frame in trials.groupby(["arm", "seed"]):
+        within = frame[(frame[axis] <= budget.total * (1 + 1e-9)) | (arm == "defaults")]
+        done = within[within["value"].notna()]
+        best = done.loc[done["value"].idxmin() if direction == "minimize" else done["value"].idxmax()] if len(
+            done) else None
+        rows.append({
+            "arm": arm, "seed": seed, "trials": len(within),
+            "best valid": best["value"] if best is not None else math.nan,
+            "test accuracy": best.get("test_accuracy", math.nan) if best is not None else math.nan,
+            "test macro-F1": best.get("test_macro_f1", math.nan) if best is not None else math.nan,
+            "steps": int(within["steps"].sum()), "seconds": float(within["seconds"].sum()),
+        })
+    return pd.DataFrame(rows)
+
+
+def budget_fraction_to_reach(trials: pd.DataFrame, *, seed: int, budget: Budget, direction: str) -> float:
+    """The fraction of the budget after which hypermeta first matched TPE's best within the whole budget."""
+    axis = f"cum_{budget.unit}"
+    of_seed = trials[(trials["seed"] == seed) & trials["value"].notna() & (trials[axis] <= budget.total * (1 + 1e-9))]
+    tpe = of_seed[of_seed["arm"] == "tpe"]["value"]
+    ours = of_seed[of_seed["arm"] == "hypermeta"]
+    if tpe.empty or ours.empty:
+        return math.nan
+    target = tpe.min() if direction == "minimize" else tpe.max()
+    reached = ours["value"] <= target if direction == "minimize" else ours["value"] >= target
+    return float(ours.loc[reached, axis].min() / budget.total) if reached.any() else math.inf
+
+
+def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:
+    """Write the comparison into ``out`` (replacing an older one only once the new one is complete)."""
+    summary = summarize(trials, budget=budget, direction=study.direction)
+    fractions = [
+        budget_fraction_to_reach(trials, seed=seed, budget=budget, direction=study.direction)
+        for seed in sorted(trials["seed"].unique())
+    ]
+    with staged_directory(out) as staging:
+        trials.to_csv(staging / "trials.csv", index=False)
+        summary.to_csv(staging / "summary.csv", index=False)
+        table = markdown_table(summary, study=study, budget=budget, fractions=fractions)
+        (staging / "README.md").write_text(table)
+        for axis in ("steps", "seconds"):
+            figure = plot_best_so_far(trials, axis=axis, study=study)
+            figure.savefig(staging / f"best_vs_{axis}.png", dpi=100)
+    return out
+
+
+def markdown_table(summary: pd.DataFrame, *, study: Study, budget: Budget, fractions: list[float]) -> str:
+    lines = [
+        f"# compare {study.name}: equal budget of {budget.total:g} {budget.unit}, {summary['seed'].nunique()} seeds",
+        "",
+        f"Median over seeds [min, max]; `best valid` is the best {study.metric} within the budget.",
+        "",
+        "| arm | best valid | test accuracy | test macro-F1 | trials | steps | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        rows = summary[summary["arm"] == arm]
+        lines.append(
+            f"| {arm} | {_spread(rows['best valid'], '.4f')} | {_spread(rows['test accuracy'], '.3f')} | "
+            f"{_spread(rows['test macro-F1'], '.3f')} | {rows['trials'].median():.0f} | {rows['steps'].median():.0f} | "
+            f"{rows['seconds'].median():.1f} |"
+        )
+    shown = ", ".join("never" if math.isinf(f) else f"{f:.2f}" for f in fractions)
+    lines += ["", f"Fraction of the budget after which hypermeta matched TPE's full-budget best, per seed: {shown}"]
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values: pd.Series, spec: str) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    return f"{values.median():{spec}} [{values.min():{spec}}, {values.max():{spec}}]"
+
+
+def plot_best_so_far(trials: pd.DataFrame, *, axis: str, study: Study) -> Figure:
+    """Best-so-far validation metric against the budget spent, median over seeds, range shaded."""
+    column = f"cum_{axis}"
+    grid = np.linspace(0, trials[column].max(), 100)[1:]
+    curves = best_so_far(trials, axis=column, grid=grid, direction=study.direction)
+    figure = Figure(figsize=(9, 5), layout="constrained")
+    ax = figure.subplots()
+    for arm in ARMS:
+        per_point = curves[curves["arm"] == arm].groupby(column)["best"]
+        median, low, high = per_point.median(), per_point.min(), per_point.max()
+        line = ax.plot(median.index, median.values, label=arm, drawstyle="steps-post")[0]
+        ax.fill_between(median.index, low.values, high.values, color=line.get_color(), alpha=0.15, step="post")
+    ax.set_xlabel(f"budget spent ({'inner training steps' if axis == 'steps' else 'wall-clock seconds'})")
+    ax.set_ylabel(f"best {study.metric} so far")
+    if study.direction == "minimize":
+        ax.set_yscale("log")
+    ax.set_title(f"{study.name}: best so far against budget ({axis}), median and range over seeds")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    return figure

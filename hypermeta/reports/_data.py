@@ -1,0 +1,151 @@
+"""What a report is made of, read from the storage and its artifacts alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import optuna
+import pandas as pd
+from optuna.artifacts import get_all_artifact_meta
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+from hypermeta import _results, _storage
+from hypermeta._errors import UsageError
+from hypermeta._results import EVALUATIONS_FILE, TRAJECTORY_COLUMNS, TRAJECTORY_FILE
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
+METRIC_LABELS = {
+    "valid_loss": "validation loss",
+    "valid_accuracy": "validation accuracy",
+    "valid_macro_f1": "validation macro-F1",
+    "objective": "objective value",
+}
+TEST_METRICS = (("test_loss", "loss"), ("test_accuracy", "accuracy"), ("test_macro_f1", "macro-F1"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportData:
+    """A stored study as the report sees it; build it with :func:`load_report_data`.
+
+    ``trajectories`` and ``evaluations`` are long DataFrames with a ``trial`` column (finished
+    trials only); ``trials`` is one row per trial, failed ones included; ``outcomes`` maps each
+    trial number to ``"complete"``, ``"pruned"``, ``"diverged"``, ``"failed"``, ``"running"`` or
+    ``"waiting"``; ``metric`` is the study's objective (``"valid_loss"``...) as found in the
+    stored learning curves, or ``"objective"``; ``best_trial`` is ``None`` while no trial has completed.
+    """
+
+    study_name: str
+    storage: str
+    study: optuna.Study
+    direction: str
+    metric: str
+    trials: pd.DataFrame
+    trajectories: pd.DataFrame
+    evaluations: pd.DataFrame
+    outcomes: dict[int, str]
+    best_trial: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric_label(self) -> str:
+        return METRIC_LABELS[self.metric]
+
+    def finished(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def load_report_data(*, study_name: str, storage: str | None = None, artifacts: str | None = None) -> ReportData:
+    """Everything a report of ``study_name`` shows, read from ``storage`` and its artifact store.
+
+    Raises :class:`hypermeta._errors.UsageError` (one line, what to do) for an unknown study or
+    storage, a study without a finished trial, and a missing or wrong artifact store.
+
+    Example:
+        >>> from hypermeta import reports
+        >>> data = reports.load_report_data(study_name="digits-mlp")  # doctest: +SKIP
+        >>> data.best_trial, data.metric  # doctest: +SKIP
+        (2, 'valid_loss')
+    """
+    study = _results.open_study(study_name, storage)
+    if len(study.directions) != 1:
+        raise UsageError(
+            f"study {study_name!r} has {len(study.directions)} objectives; reports cover single-objective studies"
+        )
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    if not finished:
+        raise UsageError(f"study {study_name!r} has no finished trial yet; run it first (hypermeta run STUDY_FILE)")
+    store = _storage.artifact_store(storage, artifacts, create=False)
+    notes: list[str] = []
+    trajectories = _read(study, store, finished, TRAJECTORY_FILE, notes)
+    if not trajectories:
+        raise UsageError(
+            f"study {study_name!r}: no finished trial has a stored trajectory in"
+            f" {_storage.artifact_directory(storage, artifacts)};"
+            " pass --artifacts DIR where the trajectories are"
+        )
+    evaluations = _read(study, store, finished, EVALUATIONS_FILE, notes)
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    return ReportData(
+        study_name=study_name,
+        storage=_storage.redact(storage or _storage.default_url()),
+        study=study,
+        direction=study.direction.name.lower(),
+        metric=_objective_metric(complete, evaluations),
+        trials=_results.trials_table(study),
+        trajectories=_concat(trajectories, TRAJECTORY_COLUMNS),
+        evaluations=_concat(evaluations, ["step"]),
+        outcomes={t.number: _outcome(t) for t in study.get_trials(deepcopy=False)},
+        best_trial=study.best_trial.number if complete else None,
+        notes=notes,
+    )
+
+
+def _read(study, store, trials, file_name: str, notes: list[str]) -> dict[int, pd.DataFrame]:
+    """``file_name`` of each of ``trials`` that stored one; names and groups stay strings."""
+    frames = {}
+    for trial in trials:
+        metas = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == file_name]
+        if not metas:
+            continue
+        try:
+            with store.open_reader(metas[-1].artifact_id) as reader:
+                frames[trial.number] = pd.read_csv(reader, dtype={"name": str, "group": str})
+        except ArtifactNotFound:
+            notes.append(f"trial {trial.number}: {file_name} is missing from the artifact store")
+        except pd.errors.EmptyDataError:  # a run that ended before its first hyper-step or evaluation
+            frames[trial.number] = pd.DataFrame()
+    return frames
+
+
+def _concat(frames: dict[int, pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = {n: f for n, f in frames.items() if not f.empty}
+    if not frames:
+        return pd.DataFrame(columns=["trial", *columns])
+    frame = pd.concat([f.assign(trial=n) for n, f in sorted(frames.items())], ignore_index=True)
+    return frame[["trial", *[c for c in frame.columns if c != "trial"]]]
+
+
+def _objective_metric(complete, evaluations: dict[int, pd.DataFrame]) -> str:
+    """Which stored validation metric the trials reported to Optuna (the study file is not read)."""
+    for metric in METRICS:
+        checked = 0
+        for trial in complete:
+            frame = evaluations.get(trial.number)
+            if frame is None or metric not in frame or frame.empty:
+                continue
+            checked += 1
+            if not math.isclose(float(frame[metric].iloc[-1]), trial.value, rel_tol=1e-6, abs_tol=1e-9):
+                break
+        else:
+            if checked:
+                return metric
+    return "objective"
+
+
+def _outcome(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state == TrialState.PRUNED:
+        return "diverged" if str(trial.user_attrs.get("stop_reason", "")).startswith("diverged") else "pruned"
+    return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed"}.get(trial.state, trial.state.name.lower())

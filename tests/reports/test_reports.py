@@ -1,0 +1,250 @@
+"""Reports built from a study stored by a tiny real run: figures, HTML, escaping, errors, atomic writes."""
+
+import dataclasses
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import optuna
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+
+from hypermeta import TRAJECTORY_COLUMNS, reports
+from hypermeta._cli import main
+from hypermeta.reports._html import CSV_FILES, FIGURES, MARKER
+
+STUDY = "<script>alert(1)</script>"
+DIRECTORY = "script-alert-1-script"
+LR_PARAM = 'a&b"c'
+WD_PARAM = "$wd$ <i>"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURE_FILES = [file_name for file_name, *_ in FIGURES]
+
+# Per-layer learning rates in 2 schedule segments and a weight decay, adapted every 10 steps;
+# trial 2 fails, trial 3 is pruned at step 30 and trial 5 diverges before its first hyper-step.
+STUDY_FILE = f"""
+import optuna
+import torch
+
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+
+
+class StopTrial3(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 3 and max(trial.intermediate_values, default=0) >= 30
+
+
+def build(trial):
+    if trial.number == 2:
+        raise RuntimeError("this trial fails on purpose")
+    diverge = trial.number == 5
+    lr = 3.0 if diverge else trial.suggest_float({LR_PARAM!r}, 0.02, 0.3, log=True)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    return hypermeta.Setup(
+        model=model, data=DATA, steps=60, batch_size=32, optimizer="adam" if diverge else "sgd",
+        learning_rate=hypermeta.LearningRate(init=lr, scope="per_group", segments=2),
+        weight_decay=hypermeta.WeightDecay(init=trial.suggest_float({WD_PARAM!r}, 1e-5, 1e-3, log=True)),
+        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.1),
+    )
+
+
+study = hypermeta.Study(name={STUDY!r}, build=build, n_trials=6, pruner=StopTrial3())
+"""
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stored")
+    study_file = root / "tiny_study.py"
+    study_file.write_text(STUDY_FILE)
+    url = f"sqlite:///{root / 'studies.db'}"
+    assert main(["run", str(study_file), "--storage", url, "--quiet"]) == 0
+    optuna.create_study(storage=url, study_name="empty")
+    return SimpleNamespace(root=root, url=url, artifacts=root / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def report(stored, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report"
+    assert main(["report", STUDY, "--storage", stored.url, "--out", str(out)]) == 0
+    return out
+
+
+class _Tags(HTMLParser):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags, self.images, self.links = [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+
+
+def _check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), path.name
+    assert len(data) > 10_000, path.name
+    image = matplotlib.image.imread(path)
+    height, width, channels = image.shape
+    assert width == 1000 and 500 <= height <= 1100 and channels in (3, 4), (path.name, image.shape)
+    assert image[..., :3].std() > 0.05, f"{path.name} is blank"
+
+
+def test_report_has_every_figure_and_an_index_that_shows_them(report):
+    for file_name in FIGURE_FILES:
+        _check_png(report / file_name)
+    page = _Tags((report / "index.html").read_text(encoding="utf-8"))
+    assert page.images == FIGURE_FILES
+    assert set(CSV_FILES) <= set(page.links)
+    assert not [tag for tag in page.tags if tag in ("script", "iframe", "link")]  # offline, self-contained page
+
+
+def test_report_shows_the_best_trial_and_every_trial(stored, report):
+    best = optuna.load_study(study_name=STUDY, storage=stored.url).best_trial
+    text = (report / "index.html").read_text(encoding="utf-8")
+    assert f"Trial <strong>#{best.number}</strong>" in text
+    for key in ("lr/0/1", "lr/2/0", "weight_decay/all", "macro-F1", "accuracy"):
+        assert key in text
+    trials = pd.read_csv(report / "trials.csv")
+    assert trials["state"].tolist() == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE", "PRUNED"]
+    assert trials.loc[5, "note"].startswith("diverged")
+    trajectories = pd.read_csv(report / "trajectories.csv", dtype={"group": str})
+    assert set(trajectories["name"]) == {"lr", "weight_decay"}
+    assert set(trajectories["segment"]) == {0, 1}
+    assert set(trajectories["group"]) == {"0", "2", "all"}
+    assert set(trajectories["trial"]) == {0, 1, 3, 4}  # failed trial 2 has none, diverged trial 5 an empty one
+    assert set(pd.read_csv(report / "evaluations.csv")["trial"]) == {0, 1, 3, 4}
+
+
+def test_user_strings_are_escaped_in_the_html(report):
+    text = (report / "index.html").read_text(encoding="utf-8")
+    for raw, escaped in ((STUDY, "&lt;script&gt;alert(1)&lt;/script&gt;"), (LR_PARAM, "a&amp;b&quot;c"),
+                         (WD_PARAM, "$wd$ &lt;i&gt;")):
+        assert raw not in text
+        assert escaped in text
+    assert "<script" not in text.lower()
+
+
+def test_default_directory_and_a_second_report_replaces_the_first(stored, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", STUDY, "--storage", stored.url]) == 0
+    target = tmp_path / "reports" / DIRECTORY
+    assert capsys.readouterr().out == f"report of study {STUDY!r}: {Path('reports', DIRECTORY, 'index.html')}\n"
+    (target / "stale.txt").write_text("from an older report")
+    assert main(["report", STUDY, "--storage", stored.url]) == 0
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [DIRECTORY]  # no temporary left behind
+    assert json.loads((target / MARKER).read_text()) == {"study": STUDY}
+    for file_name in FIGURE_FILES:
+        _check_png(target / file_name)
+
+
+def test_all_writes_a_report_per_study_and_an_index(stored, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--all", "--storage", stored.url]) == 0
+    captured = capsys.readouterr()
+    assert "hypermeta: skipped study 'empty': " in captured.err
+    index = (tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
+    assert f"{DIRECTORY}/index.html" in _Tags(index).links
+    assert "&lt;script&gt;" in index and "<script" not in index
+    assert (tmp_path / "reports" / DIRECTORY / "learning-rates.png").is_file()
+
+
+def test_figures_from_python(stored):
+    data = reports.load_report_data(study_name=STUDY, storage=stored.url)
+    assert data.metric == "valid_loss" and data.outcomes[5] == "diverged" and data.outcomes[2] == "failed"
+    functions = [reports.plot_learning_rates, reports.plot_weight_decays, reports.plot_hypergradients,
+                 reports.plot_learning_curves, reports.plot_optimization_history, reports.plot_param_importances]
+    for function in functions:
+        figure = function(data=data)
+        assert isinstance(figure, Figure) and figure.axes, function.__name__
+    figure = reports.plot_learning_rates(study_name=STUDY, storage=stored.url)
+    assert [ax.get_yscale() for ax in figure.axes] == ["log", "log"]
+    assert [ax.get_title() for ax in figure.axes] == ["layer 0", "layer 2"]
+    with pytest.raises(ValueError, match="either study_name= .* or data="):
+        reports.plot_learning_rates()
+    without_decay = data.trajectories[data.trajectories["name"] == "lr"]
+    with pytest.raises(ValueError, match="no weight decay"):
+        reports.plot_weight_decays(data=dataclasses.replace(data, trajectories=without_decay))
+
+
+def test_a_missing_artifact_file_is_noted_and_the_rest_reported(stored, tmp_path):
+    shutil.copy(stored.root / "studies.db", tmp_path / "studies.db")
+    shutil.copytree(stored.artifacts, tmp_path / "artifacts")
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = optuna.load_study(study_name=STUDY, storage=url)
+    metas = get_all_artifact_meta(study.trials[0], storage=study._storage)
+    (tmp_path / "artifacts" / next(m for m in metas if m.filename == "trajectory.csv").artifact_id).unlink()
+    data = reports.load_report_data(study_name=STUDY, storage=url)
+    assert data.notes == ["trial 0: trajectory.csv is missing from the artifact store"]
+    assert set(data.trajectories["trial"]) == {1, 3, 4}
+
+
+def test_figures_that_need_more_trials_are_left_out_with_a_note(stored, tmp_path):
+    study = optuna.create_study(storage=stored.url, study_name="one trial")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    rows = [(step, "lr", "all", 0, 0.1 * step, -0.01, 2.0, 2.1) for step in (10, 20, 30)]
+    trajectory = tmp_path / "trajectory.csv"
+    pd.DataFrame(rows, columns=TRAJECTORY_COLUMNS).to_csv(trajectory, index=False)
+    upload_artifact(artifact_store=FileSystemArtifactStore(stored.artifacts), file_path=str(trajectory),
+                    study_or_trial=trial)
+    trial.report(2.1, 30)
+    study.tell(trial, 2.1)
+    out = tmp_path / "out"
+    assert main(["report", "one trial", "--storage", stored.url, "--out", str(out)]) == 0
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert _Tags(text).images == ["learning-rates.png", "hypergradients.png", "learning-curves.png"]
+    assert "Not drawn: no weight decay was adapted in this study." in text
+    assert "Not drawn: parameter importances need at least 2 completed trials; this study has 1." in text
+    assert not (out / "param-importances.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "nope"], "no study named 'nope' in this storage"),
+        (["report", "empty"], "study 'empty' has no finished trial yet"),
+        (["report", STUDY, "--artifacts", "{tmp}/missing"], "no artifact store at"),
+        (["report", STUDY, "--artifacts", "{tmp}"], "no finished trial has a stored trajectory in"),
+        (["report"], "one of the arguments name --all is required"),
+        (["report", STUDY, "--all"], "not allowed with argument name"),
+        (["report", STUDY, "--storage", "sqlite:///{tmp}/none.db"], "no study storage at"),
+        (["report", "--all", "--storage", "sqlite:///{tmp}/none.db"], "no study storage at"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_write_nothing(stored, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--storage" not in args:
+        args += ["--storage", stored.url]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("hypermeta: error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("owner", [None, "another study"])
+def test_a_directory_that_is_not_this_studys_report_is_left_alone(stored, tmp_path, capsys, owner):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    if owner is not None:
+        (out / MARKER).write_text(json.dumps({"study": owner}))
+    assert main(["report", STUDY, "--storage", stored.url, "--out", str(out)]) == 2
+    assert "choose another --out DIR" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "index.html").exists()

@@ -1,0 +1,386 @@
+"""The ``hypermeta`` command line, end to end: real study files, real training, real SQLite storages."""
+
+import contextlib
+import hashlib
+import io
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import hypermeta
+from hypermeta._cli import main
+
+STEPS = 40
+
+STUDY = """
+import optuna
+import torch
+
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+
+
+def build(trial):
+    width = trial.suggest_int("width", 8, 32, log=True)
+    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+    return hypermeta.Setup(
+        model=model, data=DATA, steps={steps}, batch_size=32, optimizer_options={{"momentum": 0.9}},
+        learning_rate=hypermeta.LearningRate(init=trial.suggest_{lr}),
+        weight_decay=hypermeta.WeightDecay(init=1e-4),
+        hypergradient=hypermeta.Hypergradient(horizon=10),
+    )
+
+
+study = hypermeta.Study(name={name!r}, build=build, metric={metric!r}, n_trials=4{extra})
+"""
+
+
+def study_text(name="tiny", *, metric="valid_loss", lr='float("lr", 0.02, 0.5, log=True)', steps=STEPS, extra=""):
+    return STUDY.format(name=name, metric=metric, lr=lr, steps=steps, extra=extra)
+
+
+def cli(*argv) -> tuple[int, str, str]:
+    """``hypermeta ARGV`` in this process: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def fingerprint(url: str) -> tuple:
+    """What a command must not change: the studies, their trials, and the database file's bytes."""
+    summaries = [
+        (s.study_name, [d.name for d in s.directions], s.n_trials, s.best_trial and s.best_trial.value)
+        for s in optuna.get_all_study_summaries(url)
+    ]
+    return summaries, hashlib.sha256(Path(url.removeprefix("sqlite:///")).read_bytes()).hexdigest()
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# --- one shared run, continued twice --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``run --n-trials 2``, then ``--n-trials 3``, then ``--n-trials 2`` on one SQLite file."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "tiny.py").write_text(study_text())
+    url = f"sqlite:///{root / 'store' / 'study.db'}"
+    (root / "store").mkdir()
+    steps = []
+    for n in (2, 3, 2):
+        code, out, err = cli("run", root / "tiny.py", "--n-trials", n, "--storage", url, "--quiet", "--seed", 3)
+        assert (code, err) == (0, ""), err
+        study = optuna.load_study(study_name="tiny", storage=url)
+        steps.append({"out": out, "trials": study.get_trials(), "fingerprint": fingerprint(url)})
+    return {"root": root, "url": url, "steps": steps}
+
+
+def test_run_stores_complete_trials_with_values_and_test_metrics(runs):
+    study = optuna.load_study(study_name="tiny", storage=runs["url"])
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for trial in trials:
+        assert set(trial.params) == {"width", "lr"}
+        assert math.isfinite(trial.value) and 0 < trial.value < 2.5  # valid loss, below chance's 2.3 + noise
+        assert trial.user_attrs["steps"] == STEPS
+        assert 0 < trial.user_attrs["test_loss"] < math.inf
+        assert 0 <= trial.user_attrs["test_accuracy"] <= 1 and 0 <= trial.user_attrs["test_macro_f1"] <= 1
+        assert set(trial.user_attrs["hyperparameters"]) == {"lr/all/0", "weight_decay/all"}
+        assert sorted(trial.intermediate_values)[-1] == STEPS
+        assert trial.intermediate_values[STEPS] == trial.value
+    assert "best trial" in runs["steps"][-1]["out"] and "3 complete" in runs["steps"][-1]["out"]
+
+
+def test_continuation_reaches_n_finished_trials_not_n_more(runs):
+    counts = [len(step["trials"]) for step in runs["steps"]]
+    assert counts == [2, 3, 3]
+    first, second, third = (step["trials"] for step in runs["steps"])
+    key = [(t.number, t.params, t.value, t.user_attrs) for t in first]
+    assert [(t.number, t.params, t.value, t.user_attrs) for t in second[:2]] == key
+    assert third == second  # the third run had nothing to do and wrote nothing
+    assert runs["steps"][2]["fingerprint"] == runs["steps"][1]["fingerprint"]
+    assert second[2].params != second[0].params and second[2].params != second[1].params
+
+
+def test_trajectories_come_back_from_the_url_and_name_alone(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory is needed
+    frame = hypermeta.load_trajectories(study_name="tiny", storage=runs["url"])
+    assert list(frame.columns) == ["trial", *hypermeta.TRAJECTORY_COLUMNS]
+    assert sorted(frame["trial"].unique()) == [0, 1, 2]
+    for _, rows in frame.groupby("trial"):
+        assert sorted(rows["step"].unique()) == list(range(10, STEPS + 1, 10))
+        assert set(rows["name"]) == {"lr", "weight_decay"}
+        assert rows["hypergradient"].notna().all() and (rows["value"] > 0).all()
+    artifacts = Path(runs["url"].removeprefix("sqlite:///")).parent / "artifacts"
+    assert len(list(artifacts.iterdir())) == 2 * 3  # a trajectory and an evaluation file per trial
+    assert files(tmp_path) == []
+
+
+def test_studies_trials_and_best_print_what_is_stored(runs):
+    study = optuna.load_study(study_name="tiny", storage=runs["url"])
+    code, out, err = cli("studies", "--storage", runs["url"])
+    assert (code, err) == (0, "")
+    header, row = out.splitlines()
+    assert header.split()[:4] == ["study", "direction", "running", "complete"]
+    assert row.split()[:4] == ["tiny", "minimize", "0", "3"] and f"{study.best_value:.6f}" in row
+
+    code, out, err = cli("trials", "tiny", "--storage", runs["url"])
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert "param lr" in lines[0] and "final lr/all/0" in lines[0] and "test_accuracy" in lines[0]
+    assert [line.split()[:2] for line in lines[1:]] == [[str(n), "COMPLETE"] for n in range(3)]
+
+    code, out, err = cli("best", "tiny", "--storage", runs["url"])
+    assert (code, err) == (0, "")
+    best = study.best_trial
+    assert out.splitlines()[0] == f"best trial of 'tiny': {best.number}"
+    shown = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines()[1:])
+    assert shown["state"] == "COMPLETE" and shown["param width"] == str(best.params["width"])
+    expected = {
+        "value": best.value, "param lr": best.params["lr"],
+        **{f"final {k}": v for k, v in best.user_attrs["hyperparameters"].items()},
+        **{k: best.user_attrs[k] for k in ("test_loss", "test_accuracy", "test_macro_f1")},
+    }
+    assert {k: float(shown[k]) for k in expected} == pytest.approx(expected, rel=1e-5)
+
+
+# --- seeds and the default storage -------------------------------------------------------------------
+
+
+def test_same_seed_same_study_in_the_default_and_an_explicit_storage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(study_text(steps=20))
+    assert cli("run", "tiny.py", "--n-trials", 2, "--seed", 11, "--quiet")[0] == 0
+    assert files(tmp_path / ".hypermeta")[:2] == ["artifacts", "artifacts/" + sorted(
+        p.name for p in (tmp_path / ".hypermeta" / "artifacts").iterdir())[0]]
+    assert (tmp_path / ".hypermeta" / "hypermeta.db").is_file()
+    default = f"sqlite:///{tmp_path / '.hypermeta' / 'hypermeta.db'}"
+    twin = f"sqlite:///{tmp_path / 'twin.db'}"
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert cli("run", "tiny.py", "--n-trials", 2, "--seed", 11, "--quiet", "--storage", twin)[0] == 0
+    assert cli("run", "tiny.py", "--n-trials", 1, "--seed", 12, "--quiet", "--storage", other)[0] == 0
+
+    def trials(url):
+        study = optuna.load_study(study_name="tiny", storage=url)
+        timeless = ({k: v for k, v in t.user_attrs.items() if k != "seconds"} for t in study.trials)  # wall clock
+        return [(t.params, t.value, attrs) for t, attrs in zip(study.trials, timeless, strict=True)]
+
+    assert trials(default) == trials(twin)
+    assert len(trials(default)) == 2 and trials(other)[0][0] != trials(default)[0][0]
+    pd.testing.assert_frame_equal(
+        hypermeta.load_trajectories(study_name="tiny"), hypermeta.load_trajectories(study_name="tiny", storage=twin)
+    )
+    pd.testing.assert_frame_equal(
+        hypermeta.load_evaluations(study_name="tiny"), hypermeta.load_evaluations(study_name="tiny", storage=twin)
+    )
+
+
+# --- pruning -------------------------------------------------------------------------------------------
+
+
+def test_the_pruner_stops_hopeless_trials(tmp_path):
+    budget = 40
+    text = study_text(
+        name="prune", lr='categorical("lr", [0.1, 1e-6])', steps=budget,
+        extra=", pruner=optuna.pruners.MedianPruner(n_startup_trials=1)",
+    )
+    (tmp_path / "prune.py").write_text(text)
+    url = f"sqlite:///{tmp_path / 'prune.db'}"
+    # --seed 0 draws a good rate first, so the hopeless ones meet a completed good trial at step 10
+    argv = ["run", tmp_path / "prune.py", "--n-trials", 6, "--sampler", "random", "--seed", 0, "--storage", url]
+    code, out, err = cli(*argv, "--quiet")
+    assert (code, err) == (0, "")
+    trials = optuna.load_study(study_name="prune", storage=url).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(pruned) + len(complete) == 6 and pruned and complete, [(t.params, t.state) for t in trials]
+    assert 1e-6 in {t.params["lr"] for t in pruned}
+    assert optuna.load_study(study_name="prune", storage=url).best_trial.params["lr"] == 0.1
+    for trial in pruned:
+        assert trial.user_attrs["steps"] < budget
+        assert trial.user_attrs["stop_reason"] == f"pruned at step {trial.user_attrs['steps']}"
+        assert "test_loss" not in trial.user_attrs
+    assert all(t.user_attrs["steps"] == budget and "test_loss" in t.user_attrs for t in complete)
+    assert f"{len(complete)} complete, {len(pruned)} pruned" in out
+    stopped = hypermeta.load_trajectories(study_name="prune", storage=url).groupby("trial")["step"].max()
+    assert all(stopped[t.number] == t.user_attrs["steps"] for t in trials)
+
+
+# --- bad input: one line, exit status 2, nothing written ----------------------------------------------
+
+
+def assert_usage_error(result, *words):
+    code, out, err = result
+    assert code == 2, (out, err)
+    assert out == ""
+    assert err.startswith("hypermeta: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+
+
+BAD_FILES = {
+    "syntax.py": ("x = (\n", ["syntax.py", "syntax error"]),
+    "empty.py": ("import hypermeta\n", ["defines no hypermeta.Study", "study = hypermeta.Study("]),
+    "two.py": (study_text("a") + study_text("b").replace("study =", "other ="), ["defines 2 studies"]),
+    "raises.py": (
+        study_text("r").replace("def build(trial):", "def build(trial):\n    raise KeyError('dataset')"),
+        ["build function of study 'r' raised KeyError", "fix it"],
+    ),
+    "dict.py": (study_text("d").replace("return hypermeta.Setup(", "return dict("), ["returned dict", "Setup"]),
+    "steps0.py": (study_text("z", steps=0), ["Setup.steps must be an integer >= 1"]),
+    "direction.py": (study_text("tiny", metric="valid_accuracy"), ["stored with direction minimize", "rename"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    for name, (text, _) in BAD_FILES.items():
+        (root / name).write_text(text)
+    (root / "good.py").write_text(study_text("fresh"))
+    return root
+
+
+@pytest.fixture
+def new_store(tmp_path, monkeypatch):
+    """A working directory with nothing in it and a storage URL that does not exist yet."""
+    monkeypatch.chdir(tmp_path)
+    yield f"sqlite:///{tmp_path / 'new.db'}"
+    assert files(tmp_path) == [], "a failed command wrote something"
+
+
+@pytest.fixture
+def existing_store(runs, tmp_path, monkeypatch):
+    """The shared storage, which must come out of a failed command exactly as it went in."""
+    monkeypatch.chdir(tmp_path)
+    before = fingerprint(runs["url"]), files(runs["root"])
+    yield runs["url"]
+    assert (fingerprint(runs["url"]), files(runs["root"])) == before
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("store", ["new_store", "existing_store"])
+@pytest.mark.parametrize("name", [n for n in BAD_FILES if n != "direction.py"] + ["missing.py"])
+def test_bad_study_file(request, bad_files, store, name):
+    url = request.getfixturevalue(store)
+    words = BAD_FILES[name][1] if name in BAD_FILES else ["missing.py does not exist"]
+    assert_usage_error(cli("run", bad_files / name, "--storage", url, "--quiet"), *words)
+
+
+def test_existing_study_with_another_direction_is_left_alone(bad_files, existing_store):
+    result = cli("run", bad_files / "direction.py", "--storage", existing_store, "--quiet")
+    assert_usage_error(result, "'tiny'", "stored with direction minimize", "'valid_accuracy' is to maximize")
+
+
+@pytest.mark.parametrize("store", ["new_store", "existing_store"])
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--n-trials", "0"], ["--n-trials", "integer >= 1", "'0'", "--help"]),
+        (["--n-trials", "abc"], ["--n-trials", "'abc'"]),
+        (["--timeout", "-1"], ["--timeout", "number > 0", "'-1'"]),
+        (["--timeout", "nan"], ["--timeout", "'nan'"]),
+        (["--sampler", "nope"], ["--sampler", "'nope'", "tpe"]),
+        (["--seed", "-3"], ["--seed", "'-3'"]),
+        (["--seed", str(2**32)], ["--seed", "2**32 - 1"]),
+        (["--device", "tpu"], ["--device", "'tpu'", "cuda"]),
+        (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    ],
+)
+def test_invalid_option_values(request, bad_files, store, flags, words):
+    url = request.getfixturevalue(store)
+    assert_usage_error(cli("run", bad_files / "good.py", "--storage", url, "--quiet", *flags), *words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda(bad_files, existing_store):
+    result = cli("run", bad_files / "good.py", "--storage", existing_store, "--device", "cuda", "--quiet")
+    assert_usage_error(result, "--device cuda", "no CUDA device", "--device cpu")
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("foo://x", ["cannot open storage foo://x", "check the URL"]),
+        ("not-a-url", ["'not-a-url' is not a URL", "sqlite:///"]),
+        ("sqlite:///{tmp}/no/such/dir/x.db", ["no/such/dir does not exist", "create it"]),
+        ("postgresql://user:secret@127.0.0.1:1/db", ["postgresql://user:***@127.0.0.1:1/db"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "studies", "trials", "best"])
+def test_bad_storage_urls(bad_files, tmp_path, monkeypatch, url, words, command):
+    monkeypatch.chdir(tmp_path)
+    url = url.format(tmp=tmp_path)
+    argv = {"run": ["run", bad_files / "good.py", "--quiet"], "studies": ["studies"]}.get(command, [command, "tiny"])
+    result = cli(*argv, "--storage", url)
+    if command != "run" and url.startswith("sqlite"):
+        words = ["no study storage at", "hypermeta run STUDY_FILE"]
+    assert_usage_error(result, *words)
+    assert "secret" not in result[1] + result[2]
+    assert files(tmp_path) == []
+
+
+def test_artifacts_that_are_a_file(bad_files, new_store, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = cli("run", bad_files / "good.py", "--storage", new_store, "--artifacts", tmp_path / "afile", "--quiet")
+    assert_usage_error(result, "is a file, not a directory", "--artifacts")
+    (tmp_path / "afile").unlink()
+
+
+@pytest.mark.parametrize("command", ["trials", "best"])
+def test_unknown_study_name(existing_store, command):
+    assert_usage_error(cli(command, "nope", "--storage", existing_store), "no study named 'nope'", "tiny")
+
+
+@pytest.mark.parametrize("command", [["studies"], ["trials", "tiny"], ["best", "tiny"]])
+def test_missing_default_storage(new_store, command):
+    assert_usage_error(cli(*command), "no study storage at", ".hypermeta/hypermeta.db", "--storage")
+
+
+def test_other_optuna_studies_in_the_storage(bad_files, tmp_path):
+    """A storage may hold studies hypermeta did not write: an empty one and a multi-objective one."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(storage=url, study_name="empty")
+    multi = optuna.create_study(storage=url, study_name="multi", directions=["minimize", "maximize"])
+    multi.tell(multi.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), [1.0, 2.0])
+    before = fingerprint(url)
+    code, out, err = cli("studies", "--storage", url)
+    assert (code, err) == (0, "") and "minimize/maximize" in out and "empty" in out
+    code, out, err = cli("trials", "multi", "--storage", url)
+    assert (code, err) == (0, "") and "[1.0, 2.0]" in out
+    code, out, err = cli("trials", "empty", "--storage", url)
+    assert (code, err, out) == (0, "", "study 'empty' has no trials\n")
+    assert_usage_error(cli("best", "empty", "--storage", url), "no completed trial", "run it first")
+    assert_usage_error(cli("best", "multi", "--storage", url), "2 objectives")
+    (tmp_path / "multi.py").write_text(study_text("multi"))
+    result = cli("run", tmp_path / "multi.py", "--storage", url, "--quiet")
+    assert_usage_error(result, "stored with direction minimize/maximize", "rename the study")
+    assert fingerprint(url) == before
+
+
+def test_console_script_reports_one_line_and_status_2(tmp_path):
+    script = Path(sys.executable).with_name("hypermeta")
+    assert script.is_file(), "the package is not installed with its console script"
+    process = subprocess.run(
+        [str(script), "run", "missing.py", "--storage", "postgresql://user:secret@127.0.0.1:1/db"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert process.stdout == "" and "Traceback" not in process.stderr
+    assert process.stderr.count("\n") == 1 and process.stderr.startswith("hypermeta: error: study file missing.py")
+    assert list(tmp_path.iterdir()) == []
