@@ -11,6 +11,7 @@ import pandas as pd
 
 from hypermeta import _results, _storage
 from hypermeta._errors import UsageError
+from hypermeta._private.files import check_target, directory_name
 from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study
 
 
@@ -116,12 +117,12 @@ def _run(args) -> int:
 
 def _compare(args) -> int:
     from hypermeta import _compare as _compare_arms  # matplotlib is imported for this command only
-    from hypermeta.reports._html import directory_name
 
     study = load_study_file(args.study_file)
     budget = _compare_arms.Budget(steps=args.budget_steps, seconds=args.budget_seconds)
     check_device(args.device)
     out = Path(args.out or Path("reports") / f"compare-{directory_name(study.name)}")
+    check_target(out, study.name)  # before the arms run, not after
     trials = _compare_arms.run_arms(study, budget=budget, seeds=args.seeds, device=args.device)
     _compare_arms.write_report(study, trials, budget=budget, out=out)
     print((out / "README.md").read_text(), end="")

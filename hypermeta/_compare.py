@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from hypermeta._engine import train
 from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
-from hypermeta._private.files import staged_directory
+from hypermeta._private.files import check_target, staged_directory
 from hypermeta._runner import TrialRunner
 from hypermeta._study import Study, hyperparameter_keys, resolve
 
@@ -212,12 +212,13 @@ def budget_fraction_to_reach(trials: pd.DataFrame, *, seed: int, budget: Budget,
 
 def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:
     """Write the comparison into ``out`` (replacing an older one only once the new one is complete)."""
+    check_target(out, study.name)
     summary = summarize(trials, budget=budget, direction=study.direction)
     fractions = [
         budget_fraction_to_reach(trials, seed=seed, budget=budget, direction=study.direction)
         for seed in sorted(trials["seed"].unique())
     ]
-    with staged_directory(out) as staging:
+    with staged_directory(out, study.name) as staging:
         trials.to_csv(staging / "trials.csv", index=False)
         summary.to_csv(staging / "summary.csv", index=False)
         table = markdown_table(summary, study=study, budget=budget, fractions=fractions)

@@ -6,6 +6,7 @@ import pytest
 
 from hypermeta import _cli
 from hypermeta._compare import ARMS
+from hypermeta._private.files import MARKER
 
 STUDY = '''
 import torch
@@ -43,7 +44,7 @@ def report(tmp_path_factory):
 
 def test_compare_writes_every_file(report):
     assert {p.name for p in report.iterdir()} == {
-        "README.md", "trials.csv", "summary.csv", "best_vs_steps.png", "best_vs_seconds.png"
+        "README.md", "trials.csv", "summary.csv", "best_vs_steps.png", "best_vs_seconds.png", MARKER
     }
     for figure in ("best_vs_steps.png", "best_vs_seconds.png"):
         assert matplotlib.image.imread(report / figure).shape[0] > 100
@@ -95,3 +96,14 @@ def test_bad_budgets_are_one_line_errors(tmp_path, capsys, arguments):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("hypermeta: error:")
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_never_replaces_a_directory_the_user_owns(tmp_path, capsys):
+    study_file = tmp_path / "tiny.py"
+    study_file.write_text(STUDY)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert _cli.main(["compare", str(study_file), "--budget-steps", "40", "--out", str(mine)]) == 2
+    assert "not a hypermeta report" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import html
-import json
 import math
 import numbers
 import os
-import re
 import secrets
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +17,11 @@ from matplotlib.figure import Figure
 
 from hypermeta import _storage
 from hypermeta._errors import UsageError
+from hypermeta._private.files import check_target, directory_name, new_directories, staged_directory
 from hypermeta.reports import _figures
 from hypermeta.reports._data import TEST_METRICS, ReportData, load_report_data
 
 DEFAULT_ROOT = "reports"
-MARKER = ".hypermeta-report"
 GENERATOR = '<meta name="generator" content="hypermeta report">'
 FIGURES: list[tuple[str, str, Callable[[ReportData], Figure], str]] = [
     ("learning-rates.png", "Learning rates", _figures.learning_rates,
@@ -74,7 +70,7 @@ def write_report(
     """
     data = load_report_data(study_name=study_name, storage=storage, artifacts=artifacts)
     target = Path(out) if out is not None else Path(DEFAULT_ROOT) / directory_name(study_name)
-    _check_target(target, study_name)
+    check_target(target, study_name)
     _write_study(data, target)
     return target / "index.html"
 
@@ -111,14 +107,14 @@ def write_all_reports(
         raise UsageError(f"--out {root} is a file; give a directory")
     targets = dict(zip(loaded, _unique_names(list(loaded)), strict=True))
     for name, directory in targets.items():
-        _check_target(root / directory, name)
+        check_target(root / directory, name)
     index = root / "index.html"
     if index.exists() and (not index.is_file() or GENERATOR not in index.read_text(errors="replace")):
         raise UsageError(f"{index} exists and is not a hypermeta report index; choose another --out DIR")
     for name, directory in targets.items():
         _write_study(loaded[name], root / directory)
     page = _all_page(loaded, targets, skipped, _storage.redact(url))
-    with _new_directories(root):
+    with new_directories(root):
         temporary = root / f".index.html.partial-{secrets.token_hex(4)}"
         try:
             temporary.write_text(page, encoding="utf-8")
@@ -126,18 +122,6 @@ def write_all_reports(
         finally:
             temporary.unlink(missing_ok=True)
     return AllReports(index=index, reports={n: root / d / "index.html" for n, d in targets.items()}, skipped=skipped)
-
-
-def directory_name(study_name: str) -> str:
-    """A file-system-safe directory name for a study's report.
-
-    Example:
-        >>> from hypermeta.reports import directory_name
-        >>> directory_name("digits-mlp"), directory_name("<script>alert(1)</script>"), directory_name("..")
-        ('digits-mlp', 'script-alert-1-script', 'study')
-    """
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", study_name).strip("-.")
-    return name[:80] or "study"
 
 
 def _unique_names(study_names: list[str]) -> list[str]:
@@ -153,69 +137,9 @@ def _unique_names(study_names: list[str]) -> list[str]:
     return out
 
 
-def _check_target(target: Path, study_name: str) -> None:
-    """``target`` may be missing, empty, or an older report of the same study: anything else is the user's."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise UsageError(f"{target} is a file; give a directory for the report with --out DIR")
-    if not any(target.iterdir()):
-        return
-    marker = target / MARKER
-    if not marker.is_file():
-        raise UsageError(f"{target} exists and is not a hypermeta report; choose another --out DIR")
-    try:
-        owner = json.loads(marker.read_text(encoding="utf-8"))["study"]
-    except (ValueError, KeyError, TypeError):
-        owner = None
-    if owner != study_name:
-        raise UsageError(f"{target} holds the report of another study ({owner!r}); choose another --out DIR")
-
-
 def _write_study(data: ReportData, target: Path) -> None:
-    with _new_directories(target.parent):
-        staging = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
-        staging.mkdir()
-        try:
-            _render(data, staging)
-            (staging / MARKER).write_text(json.dumps({"study": data.study_name}), encoding="utf-8")
-            _swap_in(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Rename the finished report into place; an older one goes only once the new one is there."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
-    target.rename(old)
-    try:
-        staging.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _new_directories(directory: Path) -> Iterator[None]:
-    """Create ``directory`` and missing parents; remove those created if the block fails."""
-    created = []
-    for path in [directory, *directory.parents]:
-        if path.exists():
-            break
-        created.append(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for path in created:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
+    with staged_directory(target, data.study_name) as staging:
+        _render(data, staging)
 
 
 def _render(data: ReportData, directory: Path) -> None:

@@ -16,7 +16,8 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upl
 
 from hypermeta import TRAJECTORY_COLUMNS, reports
 from hypermeta._cli import main
-from hypermeta.reports._html import CSV_FILES, FIGURES, MARKER
+from hypermeta._private.files import MARKER
+from hypermeta.reports._html import CSV_FILES, FIGURES
 
 STUDY = "<script>alert(1)</script>"
 DIRECTORY = "script-alert-1-script"
