@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import optuna
 import pandas as pd
-from optuna.artifacts import download_artifact, get_all_artifact_meta
+from optuna.artifacts import get_all_artifact_meta
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hypermeta import _storage
 from hypermeta._engine import TRAJECTORY_COLUMNS
@@ -41,21 +39,37 @@ def open_study(study_name: str, storage: str | None) -> optuna.Study:
     return _storage.load_study(_storage.open_storage(storage, create=False), study_name)
 
 
-def trial_artifacts(study: optuna.Study, store, file_name: str) -> dict[int, pd.DataFrame]:
-    """``file_name`` of each trial that stored one, by trial number."""
+def trial_artifacts(
+    study: optuna.Study, store, file_name: str, *, trials=None, notes: list[str] | None = None
+) -> dict[int, pd.DataFrame]:
+    """``file_name`` of each of ``trials`` (default: all) that stored one, by trial number.
+
+    Hyperparameter names and groups stay strings (a layer named ``"0"`` is not the number 0).
+    A file listed in the storage but missing from ``store`` is skipped, with a line in ``notes``.
+    """
     frames = {}
-    with tempfile.TemporaryDirectory() as directory:
-        for trial in study.get_trials(deepcopy=False):
-            metas = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == file_name]
-            if not metas:
-                continue
-            path = Path(directory) / f"{trial.number}-{file_name}"
-            download_artifact(artifact_store=store, file_path=str(path), artifact_id=metas[-1].artifact_id)
-            try:
-                frames[trial.number] = pd.read_csv(path)
-            except pd.errors.EmptyDataError:  # a run that ended before its first evaluation
-                frames[trial.number] = pd.DataFrame()
+    for trial in study.get_trials(deepcopy=False) if trials is None else trials:
+        metas = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == file_name]
+        if not metas:
+            continue
+        try:
+            with store.open_reader(metas[-1].artifact_id) as reader:
+                frames[trial.number] = pd.read_csv(reader, dtype={"name": str, "group": str})
+        except ArtifactNotFound:
+            if notes is not None:
+                notes.append(f"trial {trial.number}: {file_name} is missing from the artifact store")
+        except pd.errors.EmptyDataError:  # a run that ended before its first hyper-step or evaluation
+            frames[trial.number] = pd.DataFrame()
     return frames
+
+
+def concat_by_trial(frames: dict[int, pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """One long DataFrame with a leading ``trial`` column (``columns`` when there is nothing)."""
+    frames = {n: f for n, f in frames.items() if not f.empty}
+    if not frames:
+        return pd.DataFrame(columns=["trial", *columns])
+    frame = pd.concat([f.assign(trial=n) for n, f in sorted(frames.items())], ignore_index=True)
+    return frame[["trial", *[c for c in frame.columns if c != "trial"]]]
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -78,8 +92,4 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 def _load(study_name, storage, artifacts, file_name, columns) -> pd.DataFrame:
     study = open_study(study_name, storage)
     store = _storage.artifact_store(storage, artifacts, create=False)
-    frames = trial_artifacts(study, store, file_name)
-    if not frames:
-        return pd.DataFrame(columns=["trial", *columns])
-    frame = pd.concat([f.assign(trial=n) for n, f in frames.items()], ignore_index=True)
-    return frame[["trial", *[c for c in frame.columns if c != "trial"]]]
+    return concat_by_trial(trial_artifacts(study, store, file_name), columns)

@@ -81,6 +81,7 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
         storage=storage, study_name=study.name, direction=study.direction, sampler=sampler,
         pruner=study.make_pruner(), load_if_exists=True,
     )
+    stored.set_user_attr("metric", study.metric)  # for reports, which never read the study file
     store = _storage.artifact_store(options.storage, options.artifacts, create=True)
     target = options.n_trials or study.n_trials
     remaining = target - _count_finished(stored)

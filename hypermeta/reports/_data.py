@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import optuna
 import pandas as pd
-from optuna.artifacts import get_all_artifact_meta
-from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from hypermeta import _results, _storage
@@ -79,57 +77,32 @@ def load_report_data(*, study_name: str, storage: str | None = None, artifacts: 
         raise UsageError(f"study {study_name!r} has no finished trial yet; run it first (hypermeta run STUDY_FILE)")
     store = _storage.artifact_store(storage, artifacts, create=False)
     notes: list[str] = []
-    trajectories = _read(study, store, finished, TRAJECTORY_FILE, notes)
+    trajectories = _results.trial_artifacts(study, store, TRAJECTORY_FILE, trials=finished, notes=notes)
     if not trajectories:
         raise UsageError(
             f"study {study_name!r}: no finished trial has a stored trajectory in"
             f" {_storage.artifact_directory(storage, artifacts)};"
             " pass --artifacts DIR where the trajectories are"
         )
-    evaluations = _read(study, store, finished, EVALUATIONS_FILE, notes)
+    evaluations = _results.trial_artifacts(study, store, EVALUATIONS_FILE, trials=finished, notes=notes)
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
     return ReportData(
         study_name=study_name,
         storage=_storage.redact(storage or _storage.default_url()),
         study=study,
         direction=study.direction.name.lower(),
-        metric=_objective_metric(complete, evaluations),
+        metric=study.user_attrs.get("metric") or _objective_metric(complete, evaluations),
         trials=_results.trials_table(study),
-        trajectories=_concat(trajectories, TRAJECTORY_COLUMNS),
-        evaluations=_concat(evaluations, ["step"]),
+        trajectories=_results.concat_by_trial(trajectories, TRAJECTORY_COLUMNS),
+        evaluations=_results.concat_by_trial(evaluations, ["step"]),
         outcomes={t.number: _outcome(t) for t in study.get_trials(deepcopy=False)},
         best_trial=study.best_trial.number if complete else None,
         notes=notes,
     )
 
 
-def _read(study, store, trials, file_name: str, notes: list[str]) -> dict[int, pd.DataFrame]:
-    """``file_name`` of each of ``trials`` that stored one; names and groups stay strings."""
-    frames = {}
-    for trial in trials:
-        metas = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == file_name]
-        if not metas:
-            continue
-        try:
-            with store.open_reader(metas[-1].artifact_id) as reader:
-                frames[trial.number] = pd.read_csv(reader, dtype={"name": str, "group": str})
-        except ArtifactNotFound:
-            notes.append(f"trial {trial.number}: {file_name} is missing from the artifact store")
-        except pd.errors.EmptyDataError:  # a run that ended before its first hyper-step or evaluation
-            frames[trial.number] = pd.DataFrame()
-    return frames
-
-
-def _concat(frames: dict[int, pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    frames = {n: f for n, f in frames.items() if not f.empty}
-    if not frames:
-        return pd.DataFrame(columns=["trial", *columns])
-    frame = pd.concat([f.assign(trial=n) for n, f in sorted(frames.items())], ignore_index=True)
-    return frame[["trial", *[c for c in frame.columns if c != "trial"]]]
-
-
 def _objective_metric(complete, evaluations: dict[int, pd.DataFrame]) -> str:
-    """Which stored validation metric the trials reported to Optuna (the study file is not read)."""
+    """Which stored validation metric the trials reported, for studies stored without it."""
     for metric in METRICS:
         checked = 0
         for trial in complete:
