@@ -22,13 +22,9 @@ def build(trial):
         batch_size=trial.suggest_categorical("batch_size", [16, 32, 64]),
         optimizer="sgd",
         optimizer_options={"momentum": 0.9},
-        learning_rate=hypermeta.LearningRate(
-            init=trial.suggest_float("lr_init", 1e-3, 1.0, log=True), scope="per_group"
-        ),
-        weight_decay=hypermeta.WeightDecay(init=trial.suggest_float("weight_decay_init", 1e-6, 1e-2, log=True)),
-        hypergradient=hypermeta.Hypergradient(
-            horizon=20, meta_lr=trial.suggest_float("meta_lr", 0.02, 0.5, log=True)
-        ),
+        learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0), scope="per_group"),
+        weight_decay=hypermeta.WeightDecay(init=(1e-6, 1e-2)),
+        hypergradient=hypermeta.Hypergradient(horizon=20, meta_lr=(0.02, 0.5)),
     )
 
 
