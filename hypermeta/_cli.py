@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--warm-start", metavar="STUDY", help="start from the best trial of this stored study")
+    run.add_argument("--warm-storage", metavar="URL", help="storage of the --warm-start study (default: --storage)")
 
     studies = commands.add_parser("studies", help="list stored studies")
     storage_flags(studies)
@@ -99,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.warm_storage and not args.warm_start:
+        raise UsageError("--warm-storage needs --warm-start STUDY; see `hypermeta run --help`")
     study = load_study_file(args.study_file)
     options = RunOptions(
         storage=args.storage, artifacts=args.artifacts, n_trials=args.n_trials, timeout=args.timeout,
         sampler=args.sampler, seed=args.seed, device=args.device, quiet=args.quiet,
+        warm_start=args.warm_start, warm_storage=args.warm_storage,
     )
     stored = run_study(study, options)
     table = _results.trials_table(stored)

@@ -45,6 +45,8 @@ class RunOptions:
     seed: int = 0
     device: str = "cpu"
     quiet: bool = False
+    warm_start: str | None = None
+    warm_storage: str | None = None
 
 
 def load_study_file(path: str | Path) -> Study:
@@ -72,6 +74,7 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     if options.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
     _check_build(study)
+    warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
     _storage.artifact_directory(options.storage, options.artifacts)  # a bad --artifacts fails before any write
     storage = _storage.open_storage(options.storage, create=True)
     existing = _existing_trials(storage, study)
@@ -82,19 +85,37 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
         pruner=study.make_pruner(), load_if_exists=True,
     )
     stored.set_user_attr("metric", study.metric)  # for reports, which never read the study file
+    if warm is not None:
+        stored.set_user_attr("warm_start", warm)
     store = _storage.artifact_store(options.storage, options.artifacts, create=True)
     target = options.n_trials or study.n_trials
     remaining = target - _count_finished(stored)
     if remaining <= 0:
         return stored
     progress = _Progress(remaining, quiet=options.quiet)
-    objective = TrialRunner(study, seed=options.seed, device=options.device, store=store, progress=progress)
+    objective = TrialRunner(
+        study, seed=options.seed, device=options.device, store=store, progress=progress,
+        start=warm["values"] if warm else None,
+    )
     with progress:
         stored.optimize(
             objective, n_trials=remaining, timeout=options.timeout, catch=(Exception,),
             callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), progress.end_trial],
         )
     return stored
+
+
+def warm_start(study_name: str, storage: str | None) -> dict:
+    """The final hyperparameter values of the best trial of a stored study, to start from."""
+    other = _storage.load_study(_storage.open_storage(storage, create=False), study_name)
+    completed = [t for t in other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    if len(other.directions) != 1 or not completed:
+        raise UsageError(f"--warm-start {study_name!r}: the study has no completed trial to start from; run it first")
+    best = other.best_trial
+    values = best.user_attrs.get("hyperparameters")
+    if not values:
+        raise UsageError(f"--warm-start {study_name!r}: its best trial stored no hyperparameter values")
+    return {"study": study_name, "trial": best.number, "values": values}
 
 
 def check_device(device: str) -> None:
@@ -140,12 +161,15 @@ class TrialRunner:
 
     ``online``: hypergradients inside the trial, Optuna choosing initial values; otherwise every
     differentiable hyperparameter is an ordinary parameter (see :func:`hypermeta._study.resolve`).
-    Without ``store`` no trajectories are kept.
+    Without ``store`` no trajectories are kept. ``start``: warm-start values (see ``resolve``).
     """
 
-    def __init__(self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None):
+    def __init__(
+        self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None, start=None
+    ):
         self.study, self.seed, self.device, self.online, self.store = study, seed, device, online, store
         self.progress = progress or _Progress(0, quiet=True)
+        self.start = start
 
     def __call__(self, trial: optuna.Trial) -> float:
         seed = self.seed + trial.number
@@ -153,7 +177,7 @@ class TrialRunner:
         setup = self.study.build(trial)
         if not isinstance(setup, Setup):
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
-        setup, initial_values = resolve(setup, trial, online=self.online)
+        setup, initial_values = resolve(setup, trial, online=self.online, start=self.start)
         self.progress.start_trial(setup.steps)
         started = time.perf_counter()
         result = train(

@@ -110,7 +110,9 @@ class Study:
         return self.pruner or optuna.pruners.MedianPruner(n_startup_trials=3)
 
 
-def resolve(setup: Setup, trial: optuna.Trial, *, online: bool = True) -> tuple[Setup, dict[str, float]]:
+def resolve(
+    setup: Setup, trial: optuna.Trial, *, online: bool = True, start: dict[str, float] | None = None
+) -> tuple[Setup, dict[str, float]]:
     """Let ``trial`` choose what ``setup`` leaves to the search; returns it and initial values.
 
     ``online``: each ``init=(low, high)`` range becomes one parameter (``lr_init``,
@@ -118,9 +120,16 @@ def resolve(setup: Setup, trial: optuna.Trial, *, online: bool = True) -> tuple[
     move the values during training. Otherwise (black-box search) every entry -- each group and
     schedule segment -- becomes its own parameter over the init range (the bounds where the init
     is a fixed number), held fixed during the run, and hypergradients are switched off.
+
+    ``start`` (online only; a warm start) gives entries their initial values: the entries of this
+    setup with the same key -- same layer names and segments -- start there, and a kind whose
+    entries are all given is not searched.
     """
     if online:
-        return _suggest_online(setup, trial), {}
+        keys = hyperparameter_keys(setup)
+        warm = {key: value for key, value in (start or {}).items() if key in keys}
+        covered = {kind for kind in ("lr", "weight_decay") if _all_given(keys, kind, warm)}
+        return _suggest_online(setup, trial, skip=covered), warm
     specs = {"lr": setup.learning_rate, "weight_decay": setup.weight_decay}
     values = {
         key: trial.suggest_float(key, *search_range(specs[key.split("/")[0]]), log=True)
@@ -151,10 +160,17 @@ def geometric_middle(low: float, high: float) -> float:
     return math.sqrt(low * high)
 
 
-def _suggest_online(setup: Setup, trial: optuna.Trial) -> Setup:
+def _all_given(keys: list[str], kind: str, values: dict[str, float]) -> bool:
+    of_kind = [key for key in keys if key.split("/")[0] == kind]
+    return bool(of_kind) and all(key in values for key in of_kind)
+
+
+def _suggest_online(setup: Setup, trial: optuna.Trial, *, skip: set[str]) -> Setup:
     def choose(spec, name):
         if spec is None or not isinstance(spec.init, tuple):
             return spec
+        if name.removesuffix("_init") in skip:  # every entry starts from given values: any init will do
+            return dataclasses.replace(spec, init=geometric_middle(*spec.init))
         return dataclasses.replace(spec, init=trial.suggest_float(name, *spec.init, log=True))
 
     hypergradient = setup.hypergradient

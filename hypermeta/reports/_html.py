@@ -198,6 +198,7 @@ def _study_page(data: ReportData, figures) -> str:
             + ['<a href="#trials">All trials</a>', '<a href="#data">Data</a>']
         ) + "</nav>",
         *(f'<p class="note">{_e(note)}</p>' for note in data.notes),
+        _warm_start(data),
         '<h2 id="best">Best trial</h2>',
         _best_section(data),
     ]
@@ -221,6 +222,17 @@ def _study_page(data: ReportData, figures) -> str:
         "dtype={\"group\": str})  # trial, step, name, group, segment, value, hypergradient, ...</code></pre>",
     ]
     return _page(f"hypermeta report: {data.study_name}", "\n".join(parts))
+
+
+def _warm_start(data: ReportData) -> str:
+    warm = data.study.user_attrs.get("warm_start")
+    if not warm:
+        return ""
+    values = ", ".join(f"{k} = {_format(v)}" for k, v in warm["values"].items())
+    return (
+        f'<p class="note">Warm-started from study <code>{_e(warm["study"])}</code>, trial {_e(warm["trial"])}: '
+        f"its final values ({_e(values)}) were the starting values where layers and segments match.</p>"
+    )
 
 
 def _best_section(data: ReportData) -> str:
