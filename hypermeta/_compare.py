@@ -16,6 +16,7 @@ Every arm uses the study's pruner and runs with the same seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +29,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from hypermeta._engine import train
 from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
 from hypermeta._private.files import check_target, staged_directory
@@ -124,11 +124,9 @@ def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict
     started = time.perf_counter()
     steps = budget.steps or 10**9
     stop_at = started + budget.seconds if budget.seconds else math.inf
-    result = train(
-        setup.model, data=setup.data, steps=steps, batch_size=setup.batch_size,
-        learning_rate=setup.learning_rate, weight_decay=setup.weight_decay, optimizer=setup.optimizer,
-        optimizer_options=setup.optimizer_options, loss_fn=setup.loss_fn, initial_values=values,
-        eval_every=setup.eval_every or max(setup.steps // 10, 1), seed=seed * 10_000, device=device,
+    eval_every = setup.eval_every or max(setup.steps // 10, 1)  # the study's cadence, not the long run's
+    result = dataclasses.replace(setup, steps=steps, eval_every=eval_every).train(
+        initial_values=values, seed=seed * 10_000, device=device,
         on_evaluation=lambda step, metrics: time.perf_counter() >= stop_at,
     )
     value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hypermeta._data import Dataset
-from hypermeta._engine import Hypergradient, parameter_groups
+from hypermeta._engine import Hypergradient, TrainResult, parameter_groups, train
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 
 METRICS = {"valid_loss": "minimize", "valid_accuracy": "maximize", "valid_macro_f1": "maximize"}
@@ -46,6 +46,15 @@ class Setup:
     hypergradient: Hypergradient | None = field(default_factory=Hypergradient)
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy
     eval_every: int | None = None
+
+    def train(self, **options) -> TrainResult:
+        """:func:`hypermeta.train` on this set-up; ``options`` are its remaining keyword arguments."""
+        return train(
+            self.model, data=self.data, steps=self.steps, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, weight_decay=self.weight_decay, optimizer=self.optimizer,
+            optimizer_options=self.optimizer_options, hypergradient=self.hypergradient, loss_fn=self.loss_fn,
+            eval_every=self.eval_every, **options,
+        )
 
     def __post_init__(self) -> None:
         for name, kind in (("model", torch.nn.Module), ("data", Dataset), ("learning_rate", LearningRate)):
