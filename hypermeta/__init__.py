@@ -1,8 +1,9 @@
 """hypermeta: hyperparameter optimization as meta-learning."""
 
-from hypermeta import datasets
+from hypermeta import datasets, tasks
 from hypermeta._data import Dataset, Split
 from hypermeta._engine import TRAJECTORY_COLUMNS, Hypergradient, TrainResult, train
+from hypermeta._episodic import EpisodicResult, EpisodicSetup, InnerLearningRate, evaluate_tasks, meta_train
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 from hypermeta._metrics import evaluate
 from hypermeta._results import load_evaluations, load_trajectories
@@ -22,7 +23,10 @@ def __getattr__(name: str):
 __all__ = [
     "TRAJECTORY_COLUMNS",
     "Dataset",
+    "EpisodicResult",
+    "EpisodicSetup",
     "Hypergradient",
+    "InnerLearningRate",
     "LearningRate",
     "Setup",
     "Split",
@@ -31,7 +35,10 @@ __all__ = [
     "WeightDecay",
     "datasets",
     "evaluate",
+    "evaluate_tasks",
     "load_evaluations",
     "load_trajectories",
+    "meta_train",
+    "tasks",
     "train",
 ]

@@ -17,9 +17,10 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hypermeta import _storage
-from hypermeta._engine import train
+from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
+from hypermeta._private import episodic_trial
 from hypermeta._study import Setup, Study, resolve
 
 SAMPLERS = {
@@ -150,10 +151,12 @@ def _check_build(study: Study) -> None:
         setup = study.build(trial)
     except Exception as error:
         raise UsageError(f"the build function of study {study.name!r} raised {_describe(error)}; fix it") from None
-    if not isinstance(setup, Setup):
+    if not isinstance(setup, Setup | EpisodicSetup):
         raise UsageError(
             f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
         )
+    if isinstance(setup, EpisodicSetup) and episodic_trial.check_metric(setup, study.metric):
+        raise UsageError(f"study {study.name!r}: {episodic_trial.check_metric(setup, study.metric)}")
 
 
 class TrialRunner:
@@ -175,18 +178,16 @@ class TrialRunner:
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
+        if isinstance(setup, EpisodicSetup):  # few-shot meta-learning over tasks: hypermeta.meta_train
+            return episodic_trial.run_trial(self, trial, setup, seed)
         if not isinstance(setup, Setup):
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
         setup, initial_values = resolve(setup, trial, online=self.online, start=self.start)
         self.progress.start_trial(setup.steps)
         started = time.perf_counter()
-        result = train(
-            setup.model, data=setup.data, steps=setup.steps, batch_size=setup.batch_size,
-            learning_rate=setup.learning_rate, weight_decay=setup.weight_decay, optimizer=setup.optimizer,
-            optimizer_options=setup.optimizer_options, hypergradient=setup.hypergradient,
-            loss_fn=setup.loss_fn, initial_values=initial_values, eval_every=setup.eval_every, seed=seed,
-            device=self.device, on_evaluation=lambda step, metrics: self._report(trial, step, metrics, setup.steps),
-            on_steps=self.progress.steps,
+        result = setup.train(
+            initial_values=initial_values, seed=seed, device=self.device, on_steps=self.progress.steps,
+            on_evaluation=lambda step, metrics: self._report(trial, step, metrics, setup.steps),
         )
         trial.set_user_attr("seconds", time.perf_counter() - started)
         self._store(trial, result)

@@ -17,7 +17,7 @@ WIDTH, HEIGHT, DPI = 10.0, 5.0, 100
 MAX_HEIGHT = 11.0
 BEST_WIDTH, FAINT_WIDTH = 2.4, 1.0
 STEP_LABEL = "inner training step"
-NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
+NAMES = {"lr": "learning rate", "weight_decay": "weight decay", "inner_lr": "inner learning rate"}
 STOPPED = {"pruned": ("X", "tab:red"), "diverged": ("v", "tab:purple")}  # marker where such a trial stopped
 
 
@@ -26,7 +26,36 @@ class NoData(ValueError):
 
 
 def learning_rates(data: ReportData) -> Figure:
+    names = set(data.trajectories["name"])
+    if "lr" not in names and "inner_lr" in names:  # an episodic (few-shot) study
+        return _inner_rates_figure(data)
     return _trajectory_figure(data, "lr")
+
+
+def _inner_rates_figure(data: ReportData) -> Figure:
+    """Learned inner learning rates at the end of meta-training against inner step, one panel per layer."""
+    frame = data.trajectories[data.trajectories["name"] == "inner_lr"]
+    frame = frame[frame["step"] == frame.groupby("trial")["step"].transform("max")]
+    groups = list(dict.fromkeys(frame["group"]))
+    fig, axes = _panels(len(groups), sharey=True, xlabel="inner step")
+    alpha = _faint_alpha(frame["trial"].nunique())
+    for ax, group in zip(axes, groups, strict=False):
+        for trial, line in frame[frame["group"] == group].groupby("trial", sort=True):
+            best = trial == data.best_trial
+            line = line.sort_values("segment")
+            ax.plot(line["segment"] + 1, line["value"], marker="o", markersize=4, color="tab:blue",
+                    linewidth=BEST_WIDTH if best else FAINT_WIDTH, alpha=1.0 if best else alpha,
+                    zorder=3 if best else 2)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if groups != ["all"]:
+            ax.set_title(_text(_group_label(group)), fontsize=10)
+    for ax in axes:
+        _log_scale(ax)
+    fig.supylabel("inner learning rate (log scale)")
+    fig.suptitle(_text(f"Learned inner learning rates after meta-training, study '{_name(data)}'"))
+    handles = _best_handles(data, color="tab:blue", n_trials=frame["trial"].nunique())
+    _figure_legend(fig, handles + _stop_handles(data, frame["trial"].unique()))
+    return fig
 
 
 def weight_decays(data: ReportData) -> Figure:

@@ -26,7 +26,8 @@ GENERATOR = '<meta name="generator" content="hypermeta report">'
 FIGURES: list[tuple[str, str, Callable[[ReportData], Figure], str]] = [
     ("learning-rates.png", "Learning rates", _figures.learning_rates,
      "Learning rate against inner training step for each layer (one line per schedule segment), as adapted by"
-     " hypergradients: every finished trial drawn faintly, the best trial bold."),
+     " hypergradients: every finished trial drawn faintly, the best trial bold. For an episodic (few-shot) study:"
+     " the learned inner learning rate of each layer against inner step, at the end of meta-training."),
     ("weight-decays.png", "Weight decay", _figures.weight_decays,
      "Weight decay against inner training step, in the same form."),
     ("hypergradients.png", "Hypergradients", _figures.hypergradients,
