@@ -25,6 +25,7 @@ from hypermeta._private.episodes import InnerLoop, InnerRates
 from hypermeta.tasks import Episodes
 
 FORMS = ("fixed", "per_layer", "per_layer_per_step", "per_parameter")
+EPISODIC_METRICS = ("valid_loss", "valid_accuracy")
 TEST_SEED_OFFSET = 2**31  # meta-test tasks come from a stream of their own, apart from any training seed
 
 
@@ -365,3 +366,37 @@ class EpisodicSetup:
         # A distribution that cannot give these episodes (shots larger than a class) fails here, at build time.
         for split in ("train", "valid", "test"):
             self.tasks.sample(1, shots=self.shots, query=self.query, generator=torch.Generator(), split=split)
+
+    def train(self, *, initial_values: dict[str, float] | None = None, **options):
+        """:func:`meta_train` on this set-up; ``options`` are its remaining keyword arguments."""
+        if initial_values:
+            raise ValueError("episodic set-ups take no initial hyperparameter values (no warm start)")
+        if isinstance(self.meta_lr, tuple):
+            raise ValueError(f"meta_lr={self.meta_lr} is a search range; choose a value first")
+        return meta_train(
+            self.model, tasks=self.tasks, shots=self.shots, query=self.query, inner_steps=self.inner_steps,
+            meta_steps=self.meta_steps, meta_batch=self.meta_batch, inner_lr=self.inner_lr,
+            inner_weight_decay=self.inner_weight_decay, meta_lr=self.meta_lr, multi_step_loss=self.multi_step_loss,
+            eval_every=self.eval_every, valid_tasks=self.valid_tasks, **options,
+        )
+
+    @property
+    def steps(self) -> int:
+        """The run's length in the runner's unit: meta steps."""
+        return self.meta_steps
+
+    def test_metrics(self, result, *, device, seed: int) -> dict[str, float]:
+        """Query loss (and accuracy) after ``inner_steps`` on ``test_tasks`` meta-test tasks."""
+        test = evaluate_tasks(
+            result, tasks=self.tasks, shots=self.shots, query=self.query, steps=(self.inner_steps,),
+            n_tasks=self.test_tasks, seed=seed,
+        ).iloc[0]
+        return {name: float(test[name]) for name in ("loss", "accuracy") if name in test}
+
+    def metric_problem(self, metric: str) -> str | None:
+        """Why ``metric`` cannot be a study's objective with this set-up, or ``None``."""
+        if metric not in EPISODIC_METRICS:
+            return f"an episodic study's metric must be one of {EPISODIC_METRICS}, got {metric!r}"
+        if metric == "valid_accuracy" and not getattr(self.tasks, "classification", False):
+            return f"metric 'valid_accuracy' needs classification tasks; {type(self.tasks).__name__} is regression"
+        return None

@@ -19,8 +19,6 @@ from tqdm import tqdm
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import UsageError
-from hypermeta._metrics import evaluate
-from hypermeta._private import episodic_trial
 from hypermeta._study import Setup, Study, resolve
 
 SAMPLERS = {
@@ -155,8 +153,9 @@ def _check_build(study: Study) -> None:
         raise UsageError(
             f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
         )
-    if isinstance(setup, EpisodicSetup) and episodic_trial.check_metric(setup, study.metric):
-        raise UsageError(f"study {study.name!r}: {episodic_trial.check_metric(setup, study.metric)}")
+    problem = setup.metric_problem(study.metric)
+    if problem:
+        raise UsageError(f"study {study.name!r}: {problem}")
 
 
 class TrialRunner:
@@ -178,9 +177,7 @@ class TrialRunner:
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
-        if isinstance(setup, EpisodicSetup):  # few-shot meta-learning over tasks: hypermeta.meta_train
-            return episodic_trial.run_trial(self, trial, setup, seed)
-        if not isinstance(setup, Setup):
+        if not isinstance(setup, Setup | EpisodicSetup):
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
         setup, initial_values = resolve(setup, trial, online=self.online, start=self.start)
         self.progress.start_trial(setup.steps)
@@ -195,8 +192,7 @@ class TrialRunner:
             reason = f"pruned at step {result.steps}" if result.status == "stopped" else result.reason
             trial.set_user_attr("stop_reason", reason)
             raise optuna.TrialPruned(reason)
-        test = evaluate(result.model, setup.data.test.to(self.device), setup.loss_fn)
-        for name, value in test.items():
+        for name, value in setup.test_metrics(result, device=self.device, seed=seed).items():
             trial.set_user_attr(f"test_{name}", value)
         return float(result.evaluations[self.study.metric].iloc[-1])
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from hypermeta._data import Dataset
 from hypermeta._engine import Hypergradient, TrainResult, parameter_groups, train
+from hypermeta._episodic import EpisodicSetup
 from hypermeta._hyperparameters import LearningRate, WeightDecay
+from hypermeta._metrics import evaluate
 
 METRICS = {"valid_loss": "minimize", "valid_accuracy": "maximize", "valid_macro_f1": "maximize"}
 
@@ -55,6 +57,13 @@ class Setup:
             optimizer_options=self.optimizer_options, hypergradient=self.hypergradient, loss_fn=self.loss_fn,
             eval_every=self.eval_every, **options,
         )
+
+    def test_metrics(self, result: TrainResult, *, device, seed: int) -> dict[str, float]:
+        """Loss (accuracy, macro-F1) of the trained model on the test split."""
+        return evaluate(result.model, self.data.test.to(device), self.loss_fn)
+
+    def metric_problem(self, metric: str) -> str | None:
+        return None  # every metric of METRICS is measured on the validation split
 
     def __post_init__(self) -> None:
         for name, kind in (("model", torch.nn.Module), ("data", Dataset), ("learning_rate", LearningRate)):
@@ -133,7 +142,15 @@ def resolve(
     ``start`` (online only; a warm start) gives entries their initial values: the entries of this
     setup with the same key -- same layer names and segments -- start there, and a kind whose
     entries are all given is not searched.
+
+    An episodic set-up has only ``meta_lr`` to choose, and runs with hypergradients only.
     """
+    if isinstance(setup, EpisodicSetup):
+        if not online:
+            raise TypeError("an episodic set-up learns its inner rates by hypergradient only: no black-box arm")
+        if isinstance(setup.meta_lr, tuple):
+            setup = dataclasses.replace(setup, meta_lr=trial.suggest_float("meta_lr", *setup.meta_lr, log=True))
+        return setup, {}
     if online:
         keys = hyperparameter_keys(setup)
         warm = {key: value for key, value in (start or {}).items() if key in keys}

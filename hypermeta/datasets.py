@@ -62,23 +62,22 @@ def mnist1d(*, seed: int = 0) -> Dataset:
         ((3000, 40), torch.float32, torch.int64)
     """
     x, y, x_test, y_test = _mnist1d_arrays()
-    x_train, x_valid, y_train, y_valid = train_test_split(
-        x, y, test_size=1000, random_state=seed, stratify=y
-    )
+    x_train, x_valid, y_train, y_valid = train_test_split(x, y, test_size=1000, random_state=seed, stratify=y)
 
     def split(inputs: np.ndarray, targets: np.ndarray) -> Split:
         return Split(torch.tensor(inputs, dtype=torch.float32), torch.tensor(targets, dtype=torch.int64))
 
-    return Dataset(
-        train=split(x_train, y_train), valid=split(x_valid, y_valid), test=split(x_test, y_test)
-    )
+    return Dataset(train=split(x_train, y_train), valid=split(x_valid, y_valid), test=split(x_test, y_test))
 
 
 @functools.lru_cache(maxsize=1)
 def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The library's default MNIST-1D, made in memory (``make_dataset``, not ``get_dataset``,
     which downloads and pickles into the working directory). Read-only arrays: cached."""
-    from mnist1d.data import get_dataset_args, make_dataset  # optional dependency, imported when used
+    try:  # an optional dependency, imported when used
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise ImportError("hypermeta.datasets.mnist1d() needs the mnist1d package: pip install mnist1d") from error
 
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:  # make_dataset seeds the global generators; give them back as they were

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Regenerates the reports/compare-* tables quoted in the README (hypermeta compare, equal budgets).
+# One intra-op thread: these models are small, and two threads on a loaded 2-core machine thrash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OMP_NUM_THREADS=1 hypermeta compare studies/digits_mlp.py --budget-steps 7200 --seeds 3
+OMP_NUM_THREADS=1 hypermeta compare studies/digits_highdim.py --budget-steps 12000 --seeds 3
+OMP_NUM_THREADS=1 hypermeta compare studies/mnist1d_cnn.py --budget-steps 16000 --seeds 2
