@@ -176,12 +176,15 @@ def best_so_far(trials: pd.DataFrame, *, axis: str, grid, direction: str) -> pd.
     return pd.DataFrame(rows)
 
 
-def summarize(trials: pd.DataFrame, *, budget: Budget, direction: str) -> pd.DataFrame:
-    """Per arm and seed: the best trial within the budget, its test metrics, and what was spent."""
-    axis = f"cum_{budget.unit}"
+def within_budget(trials: pd.DataFrame, budget: Budget) -> pd.Series:
+    """Which trials ended within the budget (the defaults arm's one run always does)."""
+    return (trials[f"cum_{budget.unit}"] <= budget.total * (1 + 1e-9)) | (trials["arm"] == "defaults")
+
+
+def summarize(counted: pd.DataFrame, *, direction: str) -> pd.DataFrame:
+    """Per arm and seed: the best of the ``counted`` trials, its test metrics, and what was spent."""
     rows = []
-    for (arm, seed), frame in trials.groupby(["arm", "seed"]):
-        within = frame[(frame[axis] <= budget.total * (1 + 1e-9)) | (arm == "defaults")]
+    for (arm, seed), within in counted.groupby(["arm", "seed"]):
         done = within[within["value"].notna()]
         best = done.loc[done["value"].idxmin() if direction == "minimize" else done["value"].idxmax()] if len(
             done) else None
@@ -195,10 +198,10 @@ def summarize(trials: pd.DataFrame, *, budget: Budget, direction: str) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def budget_fraction_to_reach(trials: pd.DataFrame, *, seed: int, budget: Budget, direction: str) -> float:
+def budget_fraction_to_reach(counted: pd.DataFrame, *, seed: int, budget: Budget, direction: str) -> float:
     """The fraction of the budget after which hypermeta first matched TPE's best within the whole budget."""
     axis = f"cum_{budget.unit}"
-    of_seed = trials[(trials["seed"] == seed) & trials["value"].notna() & (trials[axis] <= budget.total * (1 + 1e-9))]
+    of_seed = counted[(counted["seed"] == seed) & counted["value"].notna()]
     tpe = of_seed[of_seed["arm"] == "tpe"]["value"]
     ours = of_seed[of_seed["arm"] == "hypermeta"]
     if tpe.empty or ours.empty:
@@ -211,9 +214,11 @@ def budget_fraction_to_reach(trials: pd.DataFrame, *, seed: int, budget: Budget,
 def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:
     """Write the comparison into ``out`` (replacing an older one only once the new one is complete)."""
     check_target(out, study.name)
-    summary = summarize(trials, budget=budget, direction=study.direction)
+    trials = trials.assign(within_budget=within_budget(trials, budget))
+    counted = trials[trials["within_budget"]]
+    summary = summarize(counted, direction=study.direction)
     fractions = [
-        budget_fraction_to_reach(trials, seed=seed, budget=budget, direction=study.direction)
+        budget_fraction_to_reach(counted, seed=seed, budget=budget, direction=study.direction)
         for seed in sorted(trials["seed"].unique())
     ]
     with staged_directory(out, study.name) as staging:
@@ -222,7 +227,7 @@ def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Pat
         table = markdown_table(summary, study=study, budget=budget, fractions=fractions)
         (staging / "README.md").write_text(table)
         for axis in ("steps", "seconds"):
-            figure = plot_best_so_far(trials, axis=axis, study=study)
+            figure = plot_best_so_far(counted, axis=axis, study=study)
             figure.savefig(staging / f"best_vs_{axis}.png", dpi=100)
     return out
 
