@@ -93,6 +93,6 @@ def test_digits_highdim_has_at_least_30_continuous_hyperparameters():
 
 def test_mnist1d_cnn_builds_a_model_for_the_flat_inputs():
     study = load_study_file(STUDIES / "mnist1d_cnn.py")
-    setup = study.build(optuna.trial.FixedTrial({"channels": 32, "batch_size": 100}))
+    setup = study.build(optuna.trial.FixedTrial({"channels": 64, "batch_size": 100}))
     assert setup.model(setup.data.valid.x[:3]).shape == (3, 10)
     assert len(hyperparameter_keys(setup)) == 2 * 4  # per-layer learning rate and weight decay, 4 layers

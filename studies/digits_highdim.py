@@ -1,0 +1,39 @@
+"""A high-dimensional study: 35 continuous hyperparameters of a 5-layer MLP on digits, adapted online.
+
+    hypermeta run studies/digits_highdim.py
+
+Every layer has its own learning-rate schedule of 6 piecewise-constant segments (5 x 6 = 30
+rates) and its own weight decay (5): far more than a black-box search can tune in a few trials,
+and what hypergradients move all at once, inside each run.
+"""
+
+import torch
+
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+WIDTHS = (64, 128, 128, 128, 64, 10)
+
+
+def mlp() -> torch.nn.Sequential:
+    layers = []
+    for n_in, n_out in zip(WIDTHS[:-1], WIDTHS[1:], strict=True):
+        layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def build(trial):
+    return hypermeta.Setup(
+        model=mlp(),
+        data=DATA,
+        steps=1800,
+        batch_size=trial.suggest_categorical("batch_size", [32, 64]),
+        optimizer="sgd",
+        optimizer_options={"momentum": 0.9},
+        learning_rate=hypermeta.LearningRate(init=(3e-3, 0.1), scope="per_group", segments=6),
+        weight_decay=hypermeta.WeightDecay(init=(1e-6, 1e-3), scope="per_group"),
+        hypergradient=hypermeta.Hypergradient(horizon=20, meta_lr=(0.02, 0.2)),
+    )
+
+
+study = hypermeta.Study(name="digits-highdim", build=build, metric="valid_loss", n_trials=20)
