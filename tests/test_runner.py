@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 import hypermeta
 from hypermeta._errors import UsageError
-from hypermeta._runner import RunOptions, load_study_file, run_study
+from hypermeta._runner import SAMPLERS, RunOptions, load_study_file, run_study
 
 STEPS = 20
 
@@ -177,3 +177,11 @@ def test_unknown_sampler_is_a_usage_error(tmp_path, digits):
     with pytest.raises(UsageError, match="unknown sampler 'nope'"):
         run_study(hypermeta.Study(name="x", build=_builder(digits)), _options(tmp_path, sampler="nope"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_a_study(tmp_path, digits, sampler):
+    study = hypermeta.Study(name="s", build=_builder(digits), n_trials=3)
+    stored = run_study(study, _options(tmp_path, sampler=sampler))
+    assert [t.state.name for t in stored.trials].count("COMPLETE") >= 1
+    assert len({t.params["lr"] for t in stored.trials}) == 3
