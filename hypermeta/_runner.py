@@ -75,7 +75,7 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     _check_build(study)
     warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
     _storage.artifact_directory(options.storage, options.artifacts)  # a bad --artifacts fails before any write
-    storage = _storage.open_storage(options.storage, create=True)
+    storage = _storage.open_storage(options.storage, create=True, heartbeat=True)
     existing = _existing_trials(storage, study)
     # A continued study must not replay the first run's random draws: offset the seed by its trials.
     sampler = SAMPLERS[options.sampler]((options.seed + existing) % 2**32)
@@ -174,6 +174,13 @@ class TrialRunner:
         self.start = start
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:  # Optuna marks the trial FAIL and re-raises: the reason goes with it
+            trial.set_user_attr("stop_reason", "interrupted (Ctrl-C)")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)

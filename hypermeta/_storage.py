@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +15,18 @@ from hypermeta._errors import UsageError
 DEFAULT_DIRECTORY = ".hypermeta"
 DEFAULT_DATABASE = "hypermeta.db"
 SQLITE_TIMEOUT_S = 60
+HEARTBEAT_INTERVAL_S = 5
+GRACE_PERIOD_S = 15
+
+
+def _heartbeat() -> dict:
+    """A worker that dies (SIGKILL, power loss) stops beating; after the grace period the next trial any
+    worker starts marks its trial FAIL, and the callback queues a copy of it to be run again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    return {"heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": GRACE_PERIOD_S,
+            "heartbeat_stale_trial_callback": retry}
 
 
 def default_url() -> str:
@@ -32,7 +45,7 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def open_storage(url: str | None, *, create: bool) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, *, create: bool, heartbeat: bool = False) -> optuna.storages.BaseStorage:
     """The storage behind ``url`` (default: the project's SQLite file).
 
     With ``create=False`` a missing SQLite file is an error instead of a new empty database, so
@@ -55,8 +68,7 @@ def open_storage(url: str | None, *, create: bool) -> optuna.storages.BaseStorag
     if urlsplit(url).scheme == "" or "://" not in url:
         raise UsageError(f"storage {url!r} is not a URL; use e.g. sqlite:///path/to/file.db")
     try:
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if path is not None else None
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _rdb_storage(url, sqlite=path is not None, heartbeat=heartbeat)
     except ImportError:
         raise UsageError(
             f"storage {redact(url)}: no database driver for it is installed (e.g. pip install psycopg2-binary)"
@@ -64,6 +76,13 @@ def open_storage(url: str | None, *, create: bool) -> optuna.storages.BaseStorag
     except Exception as error:  # SQLAlchemy reports bad URLs and unreachable servers many ways
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot open storage {redact(url)}: {redact(first_line)}; check the URL") from None
+
+
+def _rdb_storage(url: str, *, sqlite: bool, heartbeat: bool) -> optuna.storages.RDBStorage:
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **(_heartbeat() if heartbeat else {}))
 
 
 def artifact_directory(url: str | None, artifacts: str | None) -> Path:
