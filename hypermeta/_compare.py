@@ -33,7 +33,7 @@ from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
 from hypermeta._private.files import check_target, staged_directory
 from hypermeta._runner import TrialRunner
-from hypermeta._study import Study, hyperparameter_keys, resolve
+from hypermeta._study import Study, hyperparameter_keys, resolve, spec_of, starting_value
 
 ARMS = ("hypermeta", "tpe", "random", "defaults")
 MAX_FAILURES_IN_A_ROW = 5
@@ -118,7 +118,7 @@ def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict
     """The study's defaults trained once, for the whole budget."""
     defaults = default_trial(study)
     setup = study.build(defaults)
-    values = {key: _middle(setup, key) for key in hyperparameter_keys(setup)}
+    values = {key: starting_value(spec_of(setup, key)) for key in hyperparameter_keys(setup)}
     setup, _ = resolve(setup, optuna.trial.FixedTrial(values), online=False)
     torch.manual_seed(seed * 10_000)
     started = time.perf_counter()
@@ -155,13 +155,6 @@ def _default(distribution: optuna.distributions.BaseDistribution):
         step = distribution.step
         return int(low + round((middle - low) / step) * step)
     return middle
-
-
-def _middle(setup, key: str) -> float:
-    spec = setup.learning_rate if key.startswith("lr/") else setup.weight_decay
-    if isinstance(spec.init, tuple):
-        return math.sqrt(spec.init[0] * spec.init[1])
-    return spec.init
 
 
 def best_so_far(trials: pd.DataFrame, *, axis: str, grid, direction: str) -> pd.DataFrame:

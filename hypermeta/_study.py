@@ -156,12 +156,11 @@ def resolve(
         warm = {key: value for key, value in (start or {}).items() if key in keys}
         covered = {kind for kind in ("lr", "weight_decay") if _all_given(keys, kind, warm)}
         return _suggest_online(setup, trial, skip=covered), warm
-    specs = {"lr": setup.learning_rate, "weight_decay": setup.weight_decay}
     values = {
-        key: trial.suggest_float(key, *search_range(specs[key.split("/")[0]]), log=True)
+        key: trial.suggest_float(key, *search_range(spec_of(setup, key)), log=True)
         for key in hyperparameter_keys(setup)
     }
-    return _fixed_inits(setup, hypergradient=None), values
+    return _without_hypergradients(setup), values
 
 
 def search_range(spec: LearningRate | WeightDecay) -> tuple[float, float]:
@@ -211,17 +210,25 @@ def _suggest_online(setup: Setup, trial: optuna.Trial, *, skip: set[str]) -> Set
     )
 
 
-def _fixed_inits(setup: Setup, *, hypergradient: Hypergradient | None) -> Setup:
-    """``setup`` with every init range replaced by its geometric middle."""
+def starting_value(spec: LearningRate | WeightDecay) -> float:
+    """The init, or the geometric middle of an init range."""
+    return geometric_middle(*spec.init) if isinstance(spec.init, tuple) else spec.init
 
-    def middle(spec):
-        if spec is None or not isinstance(spec.init, tuple):
-            return spec
-        return dataclasses.replace(spec, init=geometric_middle(*spec.init))
+
+def spec_of(setup: Setup, key: str) -> LearningRate | WeightDecay:
+    """The specification behind an entry key such as ``lr/0/1`` or ``weight_decay/all``."""
+    return setup.learning_rate if key.startswith("lr/") else setup.weight_decay
+
+
+def _without_hypergradients(setup: Setup) -> Setup:
+    """``setup`` with fixed hyperparameters: no hypergradients, every init range at its middle."""
+
+    def fixed(spec):
+        return None if spec is None else dataclasses.replace(spec, init=starting_value(spec))
 
     return dataclasses.replace(
         setup,
-        learning_rate=middle(setup.learning_rate),
-        weight_decay=middle(setup.weight_decay),
-        hypergradient=hypergradient,
+        learning_rate=fixed(setup.learning_rate),
+        weight_decay=fixed(setup.weight_decay),
+        hypergradient=None,
     )
