@@ -28,6 +28,7 @@ SAMPLERS = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+TAKEN = (*FINISHED, TrialState.RUNNING)
 TRAJECTORY_FILE = "trajectory.csv"
 EVALUATIONS_FILE = "evaluations.csv"
 
@@ -94,12 +95,14 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     progress = _Progress(remaining, quiet=options.quiet)
     objective = TrialRunner(
         study, seed=options.seed, device=options.device, store=store, progress=progress,
-        start=warm["values"] if warm else None,
+        start=warm["values"] if warm else None, target=target,
     )
     with progress:
+        # Stop once the target is finished or being run by other workers (a worker that dies leaves its
+        # trial to the next `run`, which re-runs it).
         stored.optimize(
             objective, n_trials=remaining, timeout=options.timeout, catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), progress.end_trial],
+            callbacks=[optuna.study.MaxTrialsCallback(target, states=TAKEN), progress.end_trial],
         )
     return stored
 
@@ -142,6 +145,15 @@ def _count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def _taken_before(trial: optuna.Trial) -> int:
+    """Trials created before ``trial`` (numbers follow creation) that are finished or running."""
+    return sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=TAKEN))
+
+
+class SurplusTrial(Exception):
+    """A trial beyond the study's target, created by a worker that started with others."""
+
+
 def _check_build(study: Study) -> None:
     """Build one throw-away trial in memory, so a broken build function writes nothing anywhere."""
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
@@ -164,14 +176,17 @@ class TrialRunner:
     ``online``: hypergradients inside the trial, Optuna choosing initial values; otherwise every
     differentiable hyperparameter is an ordinary parameter (see :func:`hypermeta._study.resolve`).
     Without ``store`` no trajectories are kept. ``start``: warm-start values (see ``resolve``).
+    ``target``: the finished trials the study should hold; a trial that workers starting at the
+    same moment created beyond it ends FAIL without training, and its worker stops.
     """
 
     def __init__(
-        self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None, start=None
+        self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None, start=None,
+        target: int | None = None,
     ):
         self.study, self.seed, self.device, self.online, self.store = study, seed, device, online, store
         self.progress = progress or _Progress(0, quiet=True)
-        self.start = start
+        self.start, self.target = start, target
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -181,6 +196,11 @@ class TrialRunner:
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
+        if self.target is not None and _taken_before(trial) >= self.target:
+            trial.study.stop()
+            reason = f"not run: {self.target} trials were already finished or running"
+            trial.set_user_attr("stop_reason", reason)
+            raise SurplusTrial(reason)
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ from hypermeta._errors import UsageError
 DEFAULT_DIRECTORY = ".hypermeta"
 DEFAULT_DATABASE = "hypermeta.db"
 SQLITE_TIMEOUT_S = 60
+CREATE_ATTEMPTS = 20
 HEARTBEAT_INTERVAL_S = 5
 GRACE_PERIOD_S = 15
 
@@ -80,9 +83,29 @@ def open_storage(url: str | None, *, create: bool, heartbeat: bool = False) -> o
 
 def _rdb_storage(url: str, *, sqlite: bool, heartbeat: bool) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **(_heartbeat() if heartbeat else {}))
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, **(_heartbeat() if heartbeat else {})
+                )
+        except Exception as error:
+            if attempt == CREATE_ATTEMPTS - 1 or not _lost_creation_race(error):
+                raise
+            time.sleep(random.uniform(0.05, 0.5))
+    raise AssertionError("unreachable")
+
+
+def _lost_creation_race(error: Exception) -> bool:
+    """Whether another worker created the same new database's tables at the same moment.
+
+    Optuna creates its tables and version rows without a lock, so workers started together on a
+    new database collide ("table ... already exists", a duplicate version row); the tables are
+    complete a moment later, and opening again succeeds.
+    """
+    message = str(error).lower()
+    return any(sign in message for sign in ("already exists", "unique constraint", "duplicate key"))
 
 
 def artifact_directory(url: str | None, artifacts: str | None) -> Path:

@@ -1,3 +1,10 @@
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +35,77 @@ def mlp(*, hidden: int = 16, seed: int = 0, dtype=torch.float32) -> torch.nn.Mod
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10))
     return model.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server of this machine's installation, on a free local port, for this test session.
+
+    Skipped, with the reason printed by ``-ra``, only where PostgreSQL or its Python driver is not installed
+    (``.ci/run`` installs both).
+    """
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed: pip install -e '.[dev]'")
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    with PostgresServer(binaries) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A new empty database on the session's server; its URL carries a password, which trust auth ignores."""
+    return postgres_server.new_database(request.node.name)
+
+
+def _postgres_binaries() -> Path | None:
+    on_path = shutil.which("initdb")
+    candidates = [Path(on_path).parent] if on_path else []
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
+
+
+class PostgresServer:
+    USER, PASSWORD = "hypermeta", "s3cret-pw"
+
+    def __init__(self, binaries: Path) -> None:
+        self.binaries = binaries
+        self.directory = Path(tempfile.mkdtemp(prefix="hypermeta-postgres-"))
+        self.port = _free_port()
+        # The server refuses to run as root: run it as the package's own user then.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.count = 0
+
+    def __enter__(self) -> "PostgresServer":
+        if self.as_user:
+            shutil.chown(self.directory, "postgres")
+        data, log = self.directory / "data", self.directory / "server.log"
+        self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.USER)
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        self._run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run("pg_ctl", "-D", str(self.directory / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def new_database(self, hint: str) -> str:
+        import psycopg2
+
+        self.count += 1
+        name = f"t{self.count}_" + "".join(c for c in hint.lower() if c.isalnum())[:40]
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.USER, dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        connection.close()
+        return f"postgresql+psycopg2://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}"
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.binaries / program), *args], check=True, capture_output=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

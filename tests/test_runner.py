@@ -142,6 +142,17 @@ def test_continuation_draws_new_parameters_and_keeps_old_trials(tmp_path, digits
     assert trials[1].params != trials[0].params  # the second run does not replay the first run's draws
 
 
+def test_a_trial_beyond_the_target_is_not_run_when_another_worker_has_the_last_one(tmp_path, digits):
+    study = hypermeta.Study(name="shared", build=_builder(digits), pruner=optuna.pruners.NopPruner())
+    stored = run_study(study, _options(tmp_path, n_trials=1))
+    with pytest.warns(UserWarning, match="Heartbeat"):  # asked outside optimize, as in another process
+        other_worker = stored.ask()  # another worker is running the second and last trial
+    trials = run_study(study, _options(tmp_path, n_trials=2)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL]
+    assert trials[2].user_attrs == {"stop_reason": "not run: 2 trials were already finished or running"}
+    assert trials[1].number == other_worker.number
+
+
 def test_pruner_is_asked_before_the_last_step_only(tmp_path, digits):
     options = _options(tmp_path, sampler="random", n_trials=1)
     early = hypermeta.Study(name="early", build=_builder(digits, eval_every=10), pruner=AlwaysPrune())

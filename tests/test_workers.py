@@ -1,6 +1,7 @@
 """Workers that are interrupted or killed: nothing is lost.
 
-Real processes of the installed ``hypermeta`` command on a real SQLite storage; signals are real.
+Real processes of the installed ``hypermeta`` command on real SQLite and PostgreSQL storages; signals are
+real.
 """
 
 import signal
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import PostgresServer
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import TrialState
 
-from hypermeta import _storage
+from hypermeta import _runner, _storage
+from hypermeta._results import trial_artifacts
 
 STUDY = """
 import torch
@@ -97,3 +102,46 @@ def test_a_killed_worker_s_trial_is_failed_after_the_grace_period_and_run_again(
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def _run_workers(study_file: Path, url: str, artifacts: Path, *, workers: int, n_trials: int) -> list[tuple]:
+    processes = [
+        _start(study_file, url, "--artifacts", str(artifacts), "--n-trials", str(n_trials)) for _ in range(workers)
+    ]
+    return [(process.wait(timeout=300), *process.communicate()) for process in processes]
+
+
+def _check_exactly_finished(url: str, artifacts: Path, n_trials: int) -> None:
+    """``n_trials`` finished, none duplicated or lost, none left running, every trajectory artifact there."""
+    study = optuna.load_study(study_name="workers", storage=url)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    others = [t for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert all(t.user_attrs["stop_reason"].startswith("not run:") for t in others)  # surplus, nothing trained
+    store = FileSystemArtifactStore(str(artifacts))
+    for file_name in (_runner.TRAJECTORY_FILE, _runner.EVALUATIONS_FILE):
+        frames = trial_artifacts(study, store, file_name, trials=finished)
+        assert sorted(frames) == sorted(t.number for t in finished)
+        assert all(len(frame) > 0 for frame in frames.values())
+
+
+def test_four_workers_on_postgresql_finish_exactly_the_requested_trials(postgres_url, tmp_path):
+    study_file, _ = _setup(tmp_path, steps=60)
+    outcomes = _run_workers(study_file, postgres_url, tmp_path / "artifacts", workers=4, n_trials=12)
+    for returncode, stdout, stderr in outcomes:
+        assert returncode == 0, stderr
+        assert PostgresServer.PASSWORD not in stdout + stderr
+        assert "***@127.0.0.1" in stdout  # the summary names the storage, password hidden
+    _check_exactly_finished(postgres_url, tmp_path / "artifacts", 12)
+
+
+def test_three_workers_start_together_on_a_new_sqlite_file(tmp_path):
+    """Optuna creates a new database's tables without a lock; workers that race there must not fail."""
+    study_file, url = _setup(tmp_path, steps=60)
+    outcomes = _run_workers(study_file, url, tmp_path / "artifacts", workers=3, n_trials=9)
+    for returncode, _, stderr in outcomes:
+        assert returncode == 0, stderr
+        assert "locked" not in stderr
+    _check_exactly_finished(url, tmp_path / "artifacts", 9)
