@@ -153,6 +153,27 @@ def test_a_trial_beyond_the_target_is_not_run_when_another_worker_has_the_last_o
     assert trials[1].number == other_worker.number
 
 
+def _exploding_second_trial(data, *, lr: float, meta_lr: float):
+    def build(trial):
+        explodes = trial.number == 1
+        return hypermeta.Setup(
+            model=torch.nn.Linear(64, 10), data=data, steps=60, batch_size=32,
+            learning_rate=hypermeta.LearningRate(init=lr if explodes else 0.05, bounds=(1e-6, 1e6)),
+            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=meta_lr if explodes else 0.1, max_failures=0),
+        )
+
+    return build
+
+
+@pytest.mark.parametrize(("lr", "meta_lr"), [(1e4, 0.1), (0.05, 1e3)], ids=["loss explodes", "rate explodes"])
+def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, digits, lr, meta_lr):
+    build = _exploding_second_trial(digits, lr=lr, meta_lr=meta_lr)
+    study = hypermeta.Study(name="boom", build=build, n_trials=3, pruner=optuna.pruners.NopPruner())
+    trials = run_study(study, _options(tmp_path)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[1].user_attrs["stop_reason"].startswith("diverged after step")
+
+
 def test_pruner_is_asked_before_the_last_step_only(tmp_path, digits):
     options = _options(tmp_path, sampler="random", n_trials=1)
     early = hypermeta.Study(name="early", build=_builder(digits, eval_every=10), pruner=AlwaysPrune())
