@@ -6,9 +6,9 @@
 ``throughput`` runs the same number of trials with 1 and with 2 workers, side by side in one run
 (order 1, 2, 2, 1), each on a new study, and prints trials per minute and the ratio.
 
-``soak`` keeps ``--workers`` workers busy on one study, SIGKILLs a random one every few seconds
-(``--kills`` times) and starts a replacement, then runs `hypermeta run` again after the grace
-period until the study holds the requested trials. It prints trials requested / finished / lost
+``soak`` keeps ``--workers`` workers busy on one study, SIGKILLs a random one (at least 6 s old)
+every few seconds, ``--kills`` times, starting a replacement each time, then runs `hypermeta run`
+again after the grace period until the study holds the requested trials. It prints trials requested / finished / lost
 and exits 1 unless lost and duplicated are 0. Lost: requested trials never finished, and finished
 trials whose value or trajectory artifact changed or vanished after they were first seen.
 
@@ -37,6 +37,7 @@ from hypermeta import _storage
 
 HYPERMETA = str(Path(sys.executable).parent / "hypermeta")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STARTUP_S = 6  # a new worker is killed only after it has had time to start a trial
 STUDY = """
 import optuna, torch
 import hypermeta
@@ -117,22 +118,24 @@ def soak(workspace: Workspace, *, trials: int, steps: int, n_workers: int, kills
     while not any(t.state == TrialState.RUNNING for t in workspace.trials(name)):
         time.sleep(0.2)  # kill workers in their trials, not while they start up
     seen: dict[int, tuple] = {}
-    for _ in range(kills):
+    started = {worker: time.monotonic() for worker in workers}
+    sent = 0
+    while sent < kills and any(w.poll() is None for w in workers):
         time.sleep(chooser.uniform(0.5, 4))
         seen.update(finished_results(workspace, name))
-        alive = [w for w in workers if w.poll() is None]
-        if not alive:
-            break
-        victim = chooser.choice(alive)
-        victim.send_signal(signal.SIGKILL)
-        workers.append(workspace.start_worker(study_file))
+        working = [w for w in workers if w.poll() is None and time.monotonic() - started[w] > STARTUP_S]
+        if working:
+            chooser.choice(working).send_signal(signal.SIGKILL)
+            sent += 1
+            workers.append(workspace.start_worker(study_file))
+            started[workers[-1]] = time.monotonic()
     wait_all(workers)
     resumes = 0
     while sum(t.state in FINISHED for t in workspace.trials(name)) < trials and resumes < 3:
         time.sleep(_storage.GRACE_PERIOD_S + 1)  # until killed workers' trials count as failed
         wait_all([workspace.start_worker(study_file)])
         resumes += 1
-    return report(workspace, name, trials=trials, seen=seen, resumes=resumes)
+    return report(workspace, name, trials=trials, seen=seen, kills=sent, resumes=resumes)
 
 
 def finished_results(workspace: Workspace, name: str) -> dict[int, tuple]:
@@ -153,7 +156,9 @@ def finished_results(workspace: Workspace, name: str) -> dict[int, tuple]:
     return results
 
 
-def report(workspace: Workspace, name: str, *, trials: int, seen: dict[int, tuple], resumes: int) -> bool:
+def report(
+    workspace: Workspace, name: str, *, trials: int, seen: dict[int, tuple], kills: int, resumes: int
+) -> bool:
     all_trials = workspace.trials(name)
     final = finished_results(workspace, name)
     changed = [n for n, result in seen.items() if final.get(n) != result]
@@ -164,10 +169,10 @@ def report(workspace: Workspace, name: str, *, trials: int, seen: dict[int, tupl
     origins = [t.system_attrs["failed_trial"] for t in retried if t.state in FINISHED]
     duplicated = max(0, len(final) - trials) + len(origins) - len(set(origins))
     lost = max(0, trials - len(final)) + len(set(changed) | set(missing_files))
+    running = sum(t.state == TrialState.RUNNING for t in all_trials)
     print(f"trials requested {trials}, finished {len(final)}, lost {lost}, duplicated {duplicated}; "
-          f"killed mid-trial {len(killed)}, re-run {len(retried)}, not run (surplus) {len(surplus)}, "
-          f"resumed runs {resumes}, "
-          f"still running {sum(t.state == TrialState.RUNNING for t in all_trials)}")
+          f"SIGKILLs {kills}, trials killed mid-run {len(killed)}, re-run {len(retried)}, "
+          f"not run (surplus) {len(surplus)}, resumed runs {resumes}, still running {running}")
     return lost == 0 and duplicated == 0
 
 
