@@ -13,7 +13,7 @@ and exits 1 unless lost and duplicated are 0. Lost: requested trials never finis
 trials whose value or trajectory artifact changed or vanished after they were first seen.
 
 The default storage is a new SQLite file in a temporary directory; with ``--storage`` each
-configuration gets a study of its own name there. Every worker runs with one intra-op thread.
+configuration gets a study of its own name there. Every worker runs with ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -76,10 +76,8 @@ class Workspace:
 
     def start_worker(self, study_file: Path) -> subprocess.Popen:
         command = [HYPERMETA, "run", str(study_file), "--storage", self.storage, "--artifacts", str(self.artifacts),
-                   "--quiet"]
-        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=environment)
+                   "--quiet", "--threads", "1"]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def trials(self, name: str) -> list[optuna.trial.FrozenTrial]:
         """The study's trials; none while no worker has created it yet."""

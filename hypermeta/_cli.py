@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 
 from hypermeta import _results, _storage
 from hypermeta._errors import UsageError
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--storage", help="Optuna storage URL (default: sqlite file .hypermeta/hypermeta.db)")
         command.add_argument("--artifacts", help="artifact directory (default: beside the SQLite file)")
 
+    def threads_flag(command):
+        command.add_argument(
+            "--threads", type=_positive_int,
+            help="CPU threads for PyTorch (default: its own, all cores); with W workers on one machine: cores / W",
+        )
+
     run = commands.add_parser("run", help="run a study file until it holds N finished trials")
     run.add_argument("study_file")
     run.add_argument("--n-trials", type=_positive_int, help="finished trials to reach (default: the file's)")
@@ -59,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sampler", choices=sorted(SAMPLERS), default="tpe")
     run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    threads_flag(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--warm-start", metavar="STUDY", help="start from the best trial of this stored study")
     run.add_argument("--warm-storage", metavar="URL", help="storage of the --warm-start study (default: --storage)")
@@ -84,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-seconds", type=_positive_float, help="wall-clock seconds per arm and seed")
     compare.add_argument("--seeds", type=_positive_int, default=3, help="repetitions with seeds 0..N-1 (default 3)")
     compare.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    threads_flag(compare)
     compare.add_argument("--out", help="report directory (default: reports/compare-NAME)")
     return parser
 
@@ -91,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)  # workers sharing cores thrash with a thread per core each
         return _COMMANDS[args.command](args)
     except UsageError as error:
         print(f"hypermeta: error: {error}", file=sys.stderr)

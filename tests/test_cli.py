@@ -105,6 +105,16 @@ def test_run_stores_complete_trials_with_values_and_test_metrics(runs):
     assert "best trial" in runs["steps"][-1]["out"] and "3 complete" in runs["steps"][-1]["out"]
 
 
+def test_threads_sets_pytorch_s_cpu_threads(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    try:
+        assert cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--quiet", "--storage", url, "--threads", 2)[0] == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # as conftest set it
+
+
 def test_continuation_reaches_n_finished_trials_not_n_more(runs):
     counts = [len(step["trials"]) for step in runs["steps"]]
     assert counts == [2, 3, 3]
@@ -299,6 +309,7 @@ def test_existing_study_with_another_direction_is_left_alone(bad_files, existing
         (["--seed", "-3"], ["--seed", "'-3'"]),
         (["--seed", str(2**32)], ["--seed", "2**32 - 1"]),
         (["--device", "tpu"], ["--device", "'tpu'", "cuda"]),
+        (["--threads", "0"], ["--threads", "integer >= 1", "'0'"]),
         (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
     ],
 )

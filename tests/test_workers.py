@@ -48,7 +48,7 @@ def _setup(tmp_path: Path, steps: int) -> tuple[Path, str]:
 
 def _start(study_file: Path, url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [HYPERMETA, "run", str(study_file), "--storage", url, "--quiet", *extra],
+        [HYPERMETA, "run", str(study_file), "--storage", url, "--quiet", "--threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
