@@ -3,8 +3,9 @@
     python benchmarks/workers.py throughput [--trials 16] [--steps 400] [--storage URL]
     python benchmarks/workers.py soak [--trials 40] [--workers 2] [--kills 6] [--storage URL]
 
-``throughput`` runs the same number of trials with 1 and with 2 workers, side by side in one run
-(order 1, 2, 2, 1), each on a new study, and prints trials per minute and the ratio.
+``throughput`` runs the same number of trials with 1 and with 2 workers, each with PyTorch's
+default CPU threads and with ``--threads 1``, side by side in one run (every configuration twice,
+in mirrored order), each run on a new study, and prints a table of trials per minute.
 
 ``soak`` keeps ``--workers`` workers busy on one study, SIGKILLs a random one (at least 6 s old)
 every few seconds, ``--kills`` times, starting a replacement each time, then runs `hypermeta run`
@@ -13,7 +14,7 @@ and exits 1 unless lost and duplicated are 0. Lost: requested trials never finis
 trials whose value or trajectory artifact changed or vanished after they were first seen.
 
 The default storage is a new SQLite file in a temporary directory; with ``--storage`` each
-configuration gets a study of its own name there. Every worker runs with ``--threads 1``.
+configuration gets a study of its own name there. Soak workers run with ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ class Workspace:
         path.write_text(STUDY.format(name=name, trials=trials, steps=steps))
         return name, path
 
-    def start_worker(self, study_file: Path) -> subprocess.Popen:
+    def start_worker(self, study_file: Path, *, threads: int | None = 1) -> subprocess.Popen:
         command = [HYPERMETA, "run", str(study_file), "--storage", self.storage, "--artifacts", str(self.artifacts),
-                   "--quiet", "--threads", "1"]
+                   "--quiet", *(["--threads", str(threads)] if threads else [])]
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def trials(self, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -94,19 +95,27 @@ def wait_all(workers: list[subprocess.Popen]) -> None:
             raise SystemExit(f"a worker failed (exit {worker.returncode}): {stderr.strip()}")
 
 
+CONFIGURATIONS = [(1, None), (1, 1), (2, 1), (2, None)]  # (workers, --threads; None: PyTorch's default)
+
+
 def throughput(workspace: Workspace, *, trials: int, steps: int) -> None:
-    seconds: dict[int, list[float]] = {1: [], 2: []}
-    for n_workers in (1, 2, 2, 1):
+    seconds: dict[tuple, list[float]] = {configuration: [] for configuration in CONFIGURATIONS}
+    for n_workers, threads in CONFIGURATIONS + CONFIGURATIONS[::-1]:
         name, study_file = workspace.new_study(trials=trials, steps=steps)
         started = time.perf_counter()
-        wait_all([workspace.start_worker(study_file) for _ in range(n_workers)])
-        seconds[n_workers].append(time.perf_counter() - started)
+        wait_all([workspace.start_worker(study_file, threads=threads) for _ in range(n_workers)])
+        seconds[n_workers, threads].append(time.perf_counter() - started)
         finished = sum(t.state in FINISHED for t in workspace.trials(name))
         assert finished == trials, f"{finished} trials finished, {trials} requested"
-        print(f"{n_workers} worker(s): {trials} trials of {steps} steps in {seconds[n_workers][-1]:.1f} s", flush=True)
-    rate = {n: 60 * trials * len(s) / sum(s) for n, s in seconds.items()}
-    print(f"trials per minute: 1 worker {rate[1]:.1f}, 2 workers {rate[2]:.1f}; ratio 2/1 = {rate[2] / rate[1]:.2f}"
-          f" ({os.cpu_count()} cores, storage {_storage.redact(workspace.storage.split('?')[0])})")
+    print(f"{trials} trials of {steps} steps per run; {os.cpu_count()} cores; "
+          f"storage {_storage.redact(workspace.storage)}")
+    print("| workers | --threads | seconds (2 runs) | trials per minute | vs 1 worker, default threads |")
+    print("|---|---|---|---|---|")
+    rate = {configuration: 60 * trials * 2 / sum(runs) for configuration, runs in seconds.items()}
+    for (n_workers, threads), runs in seconds.items():
+        shown = ", ".join(f"{s:.1f}" for s in runs)
+        print(f"| {n_workers} | {threads or 'default'} | {shown} | {rate[n_workers, threads]:.1f} | "
+              f"{rate[n_workers, threads] / rate[1, None]:.2f}x |")
 
 
 def soak(workspace: Workspace, *, trials: int, steps: int, n_workers: int, kills: int, seed: int) -> bool:

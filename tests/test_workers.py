@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import PostgresServer
-from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from optuna.trial import TrialState
 
 from hypermeta import _runner, _storage
@@ -82,13 +82,19 @@ def test_ctrl_c_fails_the_current_trial_with_a_reason_and_exits_130(tmp_path):
 
 
 def test_a_killed_worker_s_trial_is_failed_after_the_grace_period_and_run_again(tmp_path):
-    study_file, url = _setup(tmp_path, steps=5000)
+    study_file, url = _setup(tmp_path, steps=60)
+    first = subprocess.run([HYPERMETA, "run", str(study_file), "--storage", url, "--quiet", "--n-trials", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    done_before = _finished_with_files(url)
+    assert [name for name, _ in done_before[0][2]] == [_runner.EVALUATIONS_FILE, _runner.TRAJECTORY_FILE]
+    study_file.write_text(STUDY.replace("STEPS", "5000"))
     process = _start(study_file, url)
     _wait_for_running_trial(url, process)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
-    killed = optuna.load_study(study_name="workers", storage=url).trials[0]
-    assert killed.state == optuna.trial.TrialState.RUNNING  # nobody has noticed yet
+    killed = optuna.load_study(study_name="workers", storage=url).trials[1]
+    assert killed.state == TrialState.RUNNING  # nobody has noticed yet
     time.sleep(_storage.GRACE_PERIOD_S + 1)
     study_file.write_text(STUDY.replace("STEPS", "60"))  # the rest may be quick
     finished = subprocess.run(
@@ -96,12 +102,27 @@ def test_a_killed_worker_s_trial_is_failed_after_the_grace_period_and_run_again(
     )
     assert finished.returncode == 0, finished.stderr
     trials = optuna.load_study(study_name="workers", storage=url).trials
-    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[1].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].params == killed.params
-    assert retries[0].state == optuna.trial.TrialState.COMPLETE
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert retries[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert _finished_with_files(url)[0] == done_before[0]  # the trial finished before the kill is untouched
+
+
+def _finished_with_files(url: str) -> dict[int, tuple]:
+    """Each finished trial's value, parameters and the bytes of its artifact files, by number."""
+    study = optuna.load_study(study_name="workers", storage=url)
+    store = FileSystemArtifactStore(str(Path(url.removeprefix("sqlite:///")).parent / "artifacts"))
+    results = {}
+    for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        files = []
+        for meta in get_all_artifact_meta(trial, storage=study._storage):
+            with store.open_reader(meta.artifact_id) as reader:
+                files.append((meta.filename, reader.read()))
+        results[trial.number] = (trial.value, trial.params, sorted(files))
+    return results
 
 
 def _run_workers(study_file: Path, url: str, artifacts: Path, *, workers: int, n_trials: int) -> list[tuple]:
