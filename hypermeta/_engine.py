@@ -52,6 +52,11 @@ class Hypergradient:
         meta_optimizer: ``"adam"`` or ``"sgd"``.
         max_failures: consecutive rejected hyper-steps (NaN/inf) before the run stops.
         valid_batch_size: validation examples per hypergradient; ``None`` uses the whole split.
+        carry_segments: when a learning-rate schedule segment begins, start it as far (in log
+            space) from its own starting value as the previous segment has moved from its own, so
+            the schedule keeps what hypergradients learned instead of jumping back to ``init``.
+            ``False`` starts every segment at its starting value. Either way a hyper-step moves
+            only the rates of the segment being trained.
 
     Example:
         >>> import hypermeta
@@ -65,6 +70,7 @@ class Hypergradient:
     meta_optimizer: str = "adam"
     max_failures: int = 5
     valid_batch_size: int | None = None
+    carry_segments: bool = True
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
@@ -241,6 +247,8 @@ def _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evalua
     while outcome.step < steps:
         step = outcome.step
         n_steps = min(horizon, steps - step, eval_every - step % eval_every)
+        if meta:
+            n_steps = min(n_steps, _to_next_segment(run.hyper, step))
         window = meta.window(run, step, n_steps) if meta else _plain_window(run, step, n_steps)
         problem = window.problem(loss_limit)
         if problem:
@@ -255,7 +263,7 @@ def _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evalua
         failures = 0
         _record(run, step + n_steps, window)
         if meta:
-            meta.step(window.hypergradients)
+            meta.step(window.hypergradients, segment=run.hyper.segment(step))
         outcome.step = step = step + n_steps
         on_steps(n_steps)
         if step % eval_every == 0 or step == steps:
@@ -279,17 +287,22 @@ class _MetaStep:
         if isinstance(hypergradient.meta_lr, tuple):
             raise ValueError(f"meta_lr={hypergradient.meta_lr} is a search range; give train() a number")
         self.meta_lr = hypergradient.meta_lr
+        self.carry_segments = hypergradient.carry_segments
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
 
     def window(self, run, step: int, n_steps: int) -> Window:
+        if self.carry_segments:
+            self.hyper.carry_into(step)
         return self.estimator(run, step, n_steps)
 
-    def step(self, hypergradients: list[torch.Tensor]) -> None:
+    def step(self, hypergradients: list[torch.Tensor], *, segment: int) -> None:
+        """Update the values; of the learning rates only those of ``segment``, the window's."""
         self.saved = self._save()
         for tensor, grad in zip(self.hyper.tensors(), hypergradients, strict=True):
             tensor.grad = grad
         self.optimizer.step()
+        self.hyper.keep_other_segments(self.saved[0], segment)
         self.hyper.project()
 
     def reject(self) -> None:
@@ -303,6 +316,14 @@ class _MetaStep:
 
     def _save(self):
         return self.hyper.state(), optimizer_state(self.optimizer)
+
+
+def _to_next_segment(hyper: HyperParameters, step: int) -> int:
+    """Inner steps until the next schedule segment begins, so that no window spans two."""
+    segment = hyper.segment(step)
+    if segment == hyper.learning_rate.segments - 1:
+        return hyper.total_steps - step
+    return hyper.segment_start(segment + 1) - step
 
 
 def _plain_window(run: _Run, start: int, n_steps: int) -> Window:

@@ -25,7 +25,8 @@ class LearningRate:
         scope: ``"global"`` (one rate for the whole model) or ``"per_group"`` (one per layer /
             parameter group).
         segments: number of piecewise-constant schedule segments over the training budget;
-            each segment is a separate hyperparameter.
+            each segment is a separate hyperparameter (by default starting from where the
+            previous one ended: see ``Hypergradient.carry_segments``).
         bounds: ``(low, high)``; defaults to ``(1e-6, 10)``.
 
     Example:
@@ -87,7 +88,9 @@ class HyperParameters:
     """The engine's view: log-space leaf tensors, one entry per (kind, segment, group).
 
     ``log_lr`` has shape ``(segments, groups)`` (``groups`` is 1 for a global rate) and
-    ``log_weight_decay`` has shape ``(groups,)`` or is ``None``.
+    ``log_weight_decay`` has shape ``(groups,)`` or is ``None``. ``start_log_lr`` keeps the
+    starting rates (after :meth:`load_values`), from which :meth:`carry_into` measures what a
+    segment learned.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class HyperParameters:
         self.log_lr = torch.full(
             (learning_rate.segments, n_lr), math.log(learning_rate.init), dtype=dtype, device=device
         ).requires_grad_()
+        self.start_log_lr = self.log_lr.detach().clone()
         self.log_weight_decay = None
         if weight_decay is not None:
             n_wd = len(group_names) if weight_decay.scope == "per_group" else 1
@@ -127,6 +131,37 @@ class HyperParameters:
     def segment(self, step: int) -> int:
         """The schedule segment that inner step ``step`` (0-based) falls in."""
         return min(step * self.learning_rate.segments // self.total_steps, self.learning_rate.segments - 1)
+
+    def segment_start(self, segment: int) -> int:
+        """The first inner step of schedule segment ``segment``."""
+        return -(-segment * self.total_steps // self.learning_rate.segments)
+
+    @torch.no_grad()
+    def carry_into(self, step: int) -> None:
+        """At the first step of a segment, shift its rates by what the previous segment learned.
+
+        Each segment starts as far (in log space) from its own starting value as the previous
+        segment has moved from its starting value, so what hypergradients learned carries over
+        the boundary instead of the rate jumping back. Elsewhere this does nothing; it may be
+        called again after the divergence guard restored the previous segment.
+        """
+        segment = self.segment(step)
+        if segment == 0 or self.segment_start(segment) != step:
+            return
+        learned = self.log_lr[segment - 1] - self.start_log_lr[segment - 1]
+        self.log_lr[segment] = self.start_log_lr[segment] + learned
+        self.project()
+
+    @torch.no_grad()
+    def keep_other_segments(self, state: list[torch.Tensor], segment: int) -> None:
+        """Put back, from ``state``, the learning rates of every segment but ``segment``.
+
+        The meta-optimizer's momentum would otherwise keep moving a segment after it ended,
+        away from the values that were used in training.
+        """
+        saved = state[0]
+        others = torch.arange(len(saved), device=saved.device) != segment
+        self.log_lr[others] = saved[others]
 
     def lrs(self, step: int) -> list[torch.Tensor]:
         """Per-group learning rates (differentiable) for inner step ``step``."""
@@ -193,6 +228,7 @@ class HyperParameters:
                 raise ValueError(f"{key} = {value!r} is outside its bounds {spec.bounds!r}")
             tensor, index = entries[key]
             tensor.view(-1)[index] = math.log(value)
+        self.start_log_lr = self.log_lr.detach().clone()
 
     def state(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]

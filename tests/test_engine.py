@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -111,6 +113,21 @@ def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_ste
     assert (early[early["segment"] == 0]["hypergradient"] != 0).all()
     assert result.evaluations["step"].iloc[-1] == 20
     assert set(result.hyperparameters) == {"lr/0/0", "lr/0/1", "lr/2/0", "lr/2/1", "weight_decay/all"}
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_a_segment_starts_where_the_previous_one_ended_unless_told_otherwise(small_digits, carry):
+    result = hypermeta.train(
+        mlp(dtype=torch.float64), data=small_digits, steps=40, batch_size=16,
+        learning_rate=hypermeta.LearningRate(init=0.05, segments=2),
+        hypergradient=hypermeta.Hypergradient(horizon=5, meta_lr=0.3, carry_segments=carry),
+    )
+    values = result.trajectory.pivot_table(index="step", columns="segment", values="value")
+    first, ended = values[0], values[0][25]  # rows hold the values a window trained with
+    assert abs(math.log(ended / 0.05)) > 0.5  # the first segment learned something to carry
+    assert (first[first.index >= 25] == ended).all()  # and stops moving once its segment is over
+    assert values[1][25] == pytest.approx(ended if carry else 0.05)
+    assert values[1][40] != pytest.approx(values[1][25])
 
 
 def test_on_evaluation_can_stop_a_run(small_digits):

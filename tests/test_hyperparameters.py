@@ -67,6 +67,49 @@ def test_load_values_starts_single_entries_elsewhere():
     assert values["weight_decay/all"] == pytest.approx(5e-3)
 
 
+def test_segment_start_is_the_first_step_of_each_segment():
+    hyper = _hyper(segments=3, total_steps=100)
+    starts = [hyper.segment_start(segment) for segment in range(3)]
+    assert starts == [0, 34, 67]
+    assert [hyper.segment(step) for step in starts] == [0, 1, 2]
+    assert [hyper.segment(step - 1) for step in starts[1:]] == [0, 1]
+
+
+def test_carry_into_shifts_a_new_segment_by_what_the_previous_one_learned():
+    hyper = _hyper()
+    hyper.load_values({"lr/a/1": 0.2})
+    with torch.no_grad():
+        hyper.log_lr[0] += torch.tensor([math.log(0.5), math.log(2.0)], dtype=torch.float64)
+    hyper.carry_into(10)  # not a segment's first step: nothing moves
+    assert hyper.values()["lr/a/1"] == pytest.approx(0.2)
+    for _ in range(2):  # again after the divergence guard restored the state: the same result
+        hyper.carry_into(25)
+        values = hyper.values()
+        assert values["lr/a/1"] == pytest.approx(0.1) and values["lr/b/1"] == pytest.approx(0.2)
+    assert values["lr/a/2"] == pytest.approx(0.1)  # later segments wait for their own start
+
+
+def test_carry_into_keeps_the_new_segment_inside_the_bounds():
+    hyper = _hyper()
+    with torch.no_grad():
+        hyper.log_lr[0] += math.log(50.0)
+    hyper.project()
+    hyper.carry_into(25)
+    assert hyper.values()["lr/a/1"] == pytest.approx(1.0)
+
+
+def test_keep_other_segments_restores_every_segment_but_the_given_one():
+    hyper = _hyper()
+    saved = hyper.state()
+    with torch.no_grad():
+        hyper.log_lr += 1.0
+        hyper.log_weight_decay += 1.0
+    hyper.keep_other_segments(saved, 2)
+    values = hyper.values()
+    assert values["lr/a/2"] == pytest.approx(0.1 * math.e) and values["lr/b/0"] == pytest.approx(0.1)
+    assert values["weight_decay/all"] == pytest.approx(1e-3 * math.e)
+
+
 @pytest.mark.parametrize(
     ("values", "message"), [({"lr/c/0": 0.1}, "no hyperparameter 'lr/c/0'"), ({"lr/a/0": 5.0}, "outside its bounds")]
 )
