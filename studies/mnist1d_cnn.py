@@ -8,7 +8,8 @@ ReLU, then a linear classifier) with Optuna choosing its width. The budget -- 3,
 rate reaches the published ~94% test accuracy: 64 channels, lr 1e-2, weight decay 3e-4 gave
 94.7 / 95.5 / 94.7% over seeds 0, 1, 2 (2,000 steps: 94.0 / 95.0 / 94.9%). With hypergradients
 (meta_lr 0.005) the same start gave 95.2 / 94.6 / 94.7%; larger meta learning rates let the
-short-horizon bias pull the rates down too far within this budget.
+short-horizon bias pull the rates down too far within this budget. A horizon of 40 steps (its meta
+learning rates twice those of a horizon of 20, keeping meta_lr / horizon) weakens that bias.
 """
 
 import torch
@@ -36,7 +37,7 @@ def build(trial):
         optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=(5e-3, 2e-2), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-4, 1e-3), scope="per_group"),
-        hypergradient=hypermeta.Hypergradient(horizon=20, meta_lr=(0.002, 0.03)),
+        hypergradient=hypermeta.Hypergradient(horizon=40, meta_lr=(0.004, 0.06)),
     )
 
 
