@@ -134,7 +134,7 @@ def hyper_mode(run: _Run, estimator: str, horizon: int) -> Callable[[int], None]
             if problem:
                 raise RuntimeError(f"{estimator} window at step {step}: {problem}")
             window.commit()
-            meta.step(window.hypergradients)
+            meta.step(window.hypergradients, segment=run.hyper.segment(step))
             step += horizon
 
     return advance

@@ -11,6 +11,7 @@ _SCOPES = ("global", "per_group")
 
 LR_BOUNDS = (1e-6, 10.0)
 WEIGHT_DECAY_BOUNDS = (1e-8, 1.0)
+_ROUNDING = 1e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,10 +225,12 @@ class HyperParameters:
             if key not in entries:
                 raise ValueError(f"no hyperparameter {key!r}; this run has {', '.join(entries)}")
             spec = self.learning_rate if key.startswith("lr/") else self.weight_decay
-            if not spec.bounds[0] <= value <= spec.bounds[1]:
+            low, high = spec.bounds
+            # A value a run stored at a bound comes back a float32 rounding error beyond it.
+            if not low * (1 - _ROUNDING) <= value <= high * (1 + _ROUNDING):
                 raise ValueError(f"{key} = {value!r} is outside its bounds {spec.bounds!r}")
             tensor, index = entries[key]
-            tensor.view(-1)[index] = math.log(value)
+            tensor.view(-1)[index] = math.log(min(max(value, low), high))
         self.start_log_lr = self.log_lr.detach().clone()
 
     def state(self) -> list[torch.Tensor]:

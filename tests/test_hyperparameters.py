@@ -67,6 +67,14 @@ def test_load_values_starts_single_entries_elsewhere():
     assert values["weight_decay/all"] == pytest.approx(5e-3)
 
 
+def test_load_values_takes_back_a_value_stored_at_a_bound_in_float32():
+    stored = float(torch.tensor(0.01, dtype=torch.float32).log().exp())  # what a float32 run reports
+    assert stored < 0.01
+    hyper = _hyper()
+    hyper.load_values({"lr/a/0": stored})
+    assert hyper.values()["lr/a/0"] == pytest.approx(0.01, rel=1e-12)
+
+
 def test_segment_start_is_the_first_step_of_each_segment():
     hyper = _hyper(segments=3, total_steps=100)
     starts = [hyper.segment_start(segment) for segment in range(3)]
