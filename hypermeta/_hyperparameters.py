@@ -109,6 +109,10 @@ class HyperParameters:
                 raise ValueError(
                     f"init={spec.init!r} is a search range, chosen per trial by `hypermeta run`; give train() a number"
                 )
+        if learning_rate.segments > total_steps:
+            raise ValueError(
+                f"{learning_rate.segments} learning-rate segments need at least as many steps, got {total_steps}"
+            )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.group_names = group_names

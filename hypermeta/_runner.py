@@ -146,8 +146,14 @@ def _count_finished(study: optuna.Study) -> int:
 
 
 def _taken_before(trial: optuna.Trial) -> int:
-    """Trials created before ``trial`` (numbers follow creation) that are finished or running."""
-    return sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=TAKEN))
+    """Trials that started running before ``trial`` and are finished or running.
+
+    Ordered by start time, not number: a re-run of a killed worker's trial keeps the number it got
+    when it was queued, and may start after trials with higher numbers. Every worker reads the same
+    stored times, so two workers asking at once agree on which of them is beyond the target.
+    """
+    mine = (trial.datetime_start, trial.number)
+    return sum((t.datetime_start, t.number) < mine for t in trial.study.get_trials(deepcopy=False, states=TAKEN))
 
 
 class SurplusTrial(Exception):

@@ -75,6 +75,11 @@ def test_load_values_takes_back_a_value_stored_at_a_bound_in_float32():
     assert hyper.values()["lr/a/0"] == pytest.approx(0.01, rel=1e-12)
 
 
+def test_more_segments_than_steps_is_an_error():
+    with pytest.raises(ValueError, match="4 learning-rate segments need at least as many steps, got 3"):
+        _hyper(segments=4, total_steps=3)
+
+
 def test_segment_start_is_the_first_step_of_each_segment():
     hyper = _hyper(segments=3, total_steps=100)
     starts = [hyper.segment_start(segment) for segment in range(3)]

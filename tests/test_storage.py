@@ -4,6 +4,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 
 from hypermeta import _storage
 from hypermeta._errors import UsageError
@@ -116,3 +117,40 @@ def test_load_study_names_the_known_studies(tmp_path):
     with pytest.raises(UsageError, match=r"no study named 'gamma' .*\(studies: alpha, beta\)"):
         _storage.load_study(storage, "gamma")
     assert len(storage.get_all_studies()) == 2
+
+
+class _LosesTheRaceTwice:
+    """Optuna's RDBStorage that fails as a worker losing the table-creation race does, then works.
+
+    A stand-in for the other worker, which cannot be made to collide on cue; the storage after
+    the failures is the real one.
+    """
+
+    def __init__(self, error: Exception, failures: int) -> None:
+        self.error, self.failures, self.calls = error, failures, 0
+        self.real = optuna.storages.RDBStorage
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+def _sql_error(message: str) -> Exception:
+    return sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version ...", {}, Exception(message))
+
+
+def test_opening_a_new_database_retries_when_another_worker_created_its_tables_first(tmp_path, monkeypatch):
+    fake = _LosesTheRaceTwice(_sql_error("UNIQUE constraint failed: alembic_version.version_num"), failures=2)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    storage = _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
+    assert fake.calls == 3 and storage.get_all_studies() == []
+
+
+def test_other_storage_errors_are_not_retried(tmp_path, monkeypatch):
+    fake = _LosesTheRaceTwice(_sql_error("disk I/O error"), failures=2)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    with pytest.raises(UsageError, match="disk I/O error"):
+        _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
+    assert fake.calls == 1

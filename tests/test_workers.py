@@ -129,7 +129,8 @@ def _run_workers(study_file: Path, url: str, artifacts: Path, *, workers: int, n
     processes = [
         _start(study_file, url, "--artifacts", str(artifacts), "--n-trials", str(n_trials)) for _ in range(workers)
     ]
-    return [(process.wait(timeout=300), *process.communicate()) for process in processes]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    return [(process.returncode, *output) for process, output in zip(processes, outputs, strict=True)]
 
 
 def _check_exactly_finished(url: str, artifacts: Path, n_trials: int) -> None:
