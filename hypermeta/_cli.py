@@ -128,6 +128,12 @@ def _run(args) -> int:
     if counts.get("COMPLETE"):
         best = stored.best_trial
         print(f"best trial {best.number}: {study.metric} = {best.value:.4g}")
+    target = args.n_trials or study.n_trials
+    if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) < target and counts.get("RUNNING"):
+        print(
+            f"{counts['RUNNING']} trial(s) still running, counted towards the {target}: other workers', or a killed"
+            f" worker's until {_storage.GRACE_PERIOD_S} s after its last heartbeat; run again then to complete them"
+        )
     return 0
 
 

@@ -115,6 +115,16 @@ def test_threads_sets_pytorch_s_cpu_threads(tmp_path):
         torch.set_num_threads(1)  # as conftest set it
 
 
+def test_run_says_when_a_running_trial_of_another_worker_is_counted(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--quiet", "--storage", url)[0] == 0
+    optuna.load_study(study_name="tiny", storage=url).ask()  # another worker's trial, running
+    code, out, _ = cli("run", tmp_path / "tiny.py", "--n-trials", 2, "--quiet", "--storage", url)
+    assert code == 0
+    assert "1 trial(s) still running, counted towards the 2" in out and "run again" in out
+
+
 def test_continuation_reaches_n_finished_trials_not_n_more(runs):
     counts = [len(step["trials"]) for step in runs["steps"]]
     assert counts == [2, 3, 3]
