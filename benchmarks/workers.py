@@ -1,7 +1,7 @@
 """Several `hypermeta run` workers on one storage: throughput, and a soak test with random SIGKILLs.
 
     python benchmarks/workers.py throughput [--trials 16] [--steps 400] [--storage URL]
-    python benchmarks/workers.py soak [--trials 40] [--workers 2] [--kills 6] [--storage URL]
+    python benchmarks/workers.py soak [--trials 40] [--steps 1200] [--workers 2] [--kills 6] [--storage URL]
 
 ``throughput`` runs the same number of trials with 1 and with 2 workers, each with PyTorch's
 default CPU threads and with ``--threads 1``, side by side in one run (every configuration twice,
@@ -187,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["throughput", "soak"])
     parser.add_argument("--trials", type=int)
-    parser.add_argument("--steps", type=int, default=400, help="inner steps per trial")
+    parser.add_argument("--steps", type=int, help="inner steps per trial (throughput 400, soak 1200)")
     parser.add_argument("--workers", type=int, default=2, help="soak: workers kept running")
     parser.add_argument("--kills", type=int, default=6, help="soak: SIGKILLs sent")
     parser.add_argument("--seed", type=int, default=0, help="soak: when and whom to kill")
@@ -197,8 +197,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hypermeta-workers-") as directory:
         workspace = Workspace(Path(directory), args.storage)
         if args.mode == "throughput":
-            throughput(workspace, trials=args.trials or 16, steps=args.steps)
-        elif not soak(workspace, trials=args.trials or 40, steps=args.steps, n_workers=args.workers,
+            throughput(workspace, trials=args.trials or 16, steps=args.steps or 400)
+        elif not soak(workspace, trials=args.trials or 40, steps=args.steps or 1200, n_workers=args.workers,
                       kills=args.kills, seed=args.seed):
             sys.exit(1)
 
