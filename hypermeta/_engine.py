@@ -319,11 +319,8 @@ class _MetaStep:
 
 
 def _to_next_segment(hyper: HyperParameters, step: int) -> int:
-    """Inner steps until the next schedule segment begins, so that no window spans two."""
-    segment = hyper.segment(step)
-    if segment == hyper.learning_rate.segments - 1:
-        return hyper.total_steps - step
-    return hyper.segment_start(segment + 1) - step
+    """Inner steps until the next schedule segment begins (or the run ends), so that no window spans two."""
+    return hyper.segment_start(hyper.segment(step) + 1) - step
 
 
 def _plain_window(run: _Run, start: int, n_steps: int) -> Window:

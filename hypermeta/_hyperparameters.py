@@ -138,7 +138,7 @@ class HyperParameters:
         return min(step * self.learning_rate.segments // self.total_steps, self.learning_rate.segments - 1)
 
     def segment_start(self, segment: int) -> int:
-        """The first inner step of schedule segment ``segment``."""
+        """The first inner step of schedule segment ``segment`` (``total_steps`` for one past the last)."""
         return -(-segment * self.total_steps // self.learning_rate.segments)
 
     @torch.no_grad()

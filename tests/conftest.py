@@ -80,9 +80,13 @@ class PostgresServer:
         if self.as_user:
             shutil.chown(self.directory, "postgres")
         data, log = self.directory / "data", self.directory / "server.log"
-        self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.USER)
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        self._run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        try:
+            self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.USER)
+            self._run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        except subprocess.CalledProcessError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
