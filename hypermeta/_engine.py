@@ -24,15 +24,12 @@ from hypermeta._private.greedy import greedy_window
 from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
+from hypermeta._records import TRAJECTORY_COLUMNS
 
 _ESTIMATORS = {"unrolled": unrolled_window, "greedy": greedy_window}
 _META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
-
-TRAJECTORY_COLUMNS = [
-    "step", "name", "group", "segment", "value", "hypergradient", "train_loss", "valid_loss",
-]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 
 from hypermeta._data import Split
-from hypermeta._engine import TRAJECTORY_COLUMNS, parameter_groups
+from hypermeta._engine import parameter_groups
 from hypermeta._hyperparameters import LR_BOUNDS, WeightDecay
 from hypermeta._private.episodes import InnerLoop, InnerRates
+from hypermeta._records import TRAJECTORY_COLUMNS
 from hypermeta.tasks import Episodes
 
 FORMS = ("fixed", "per_layer", "per_layer_per_step", "per_parameter")

@@ -8,8 +8,7 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hypermeta import _storage
-from hypermeta._engine import TRAJECTORY_COLUMNS
-from hypermeta._runner import EVALUATIONS_FILE, TRAJECTORY_FILE
+from hypermeta._records import EVALUATIONS_FILE, TRAJECTORY_COLUMNS, TRAJECTORY_FILE
 
 
 def load_trajectories(*, study_name: str, storage: str | None = None, artifacts: str | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import UsageError
+from hypermeta._records import EVALUATIONS_FILE, LAYERS, TRAJECTORY_FILE, describe_layers
 from hypermeta._study import Setup, Study, resolve
 
 SAMPLERS = {
@@ -29,8 +30,6 @@ SAMPLERS = {
 }
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (*FINISHED, TrialState.RUNNING)
-TRAJECTORY_FILE = "trajectory.csv"
-EVALUATIONS_FILE = "evaluations.csv"
 
 
 @dataclass(kw_only=True)
@@ -237,6 +236,7 @@ class TrialRunner:
         trial.set_user_attr("hyperparameters", result.hyperparameters)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("rejected_steps", result.rejected_steps)
+        trial.set_user_attr(LAYERS, describe_layers(result.model))
         if self.store is None:
             return
         with tempfile.TemporaryDirectory() as directory:

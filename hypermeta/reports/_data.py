@@ -11,17 +11,27 @@ from optuna.trial import TrialState
 
 from hypermeta import _results, _storage
 from hypermeta._errors import UsageError
-from hypermeta._results import EVALUATIONS_FILE, TRAJECTORY_COLUMNS, TRAJECTORY_FILE
+from hypermeta._records import (
+    EVALUATION_STEP,
+    EVALUATIONS_FILE,
+    LAYERS,
+    STOP_REASON,
+    STUDY_METRIC,
+    TEST_PREFIX,
+    TRAJECTORY_COLUMNS,
+    TRAJECTORY_FILE,
+    VALID_METRICS,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
 METRIC_LABELS = {
     "valid_loss": "validation loss",
     "valid_accuracy": "validation accuracy",
     "valid_macro_f1": "validation macro-F1",
     "objective": "objective value",
 }
-TEST_METRICS = (("test_loss", "loss"), ("test_accuracy", "accuracy"), ("test_macro_f1", "macro-F1"))
+TEST_METRICS = ((f"{TEST_PREFIX}loss", "loss"), (f"{TEST_PREFIX}accuracy", "accuracy"),
+                (f"{TEST_PREFIX}macro_f1", "macro-F1"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +43,9 @@ class ReportData:
     trial number to ``"complete"``, ``"pruned"``, ``"diverged"``, ``"failed"``, ``"running"`` or
     ``"waiting"``; ``metric`` is the study's objective (``"valid_loss"``...) as found in the
     stored learning curves, or ``"objective"``; ``best_trial`` is ``None`` while no trial has completed.
+    ``layers`` maps each parameter group to its module type and shape (``"Linear(64->128)"``) as the
+    best trial (else the first finished one) stored it, marked ``(best trial)`` where trials differ;
+    empty for studies stored before layers were recorded.
     """
 
     study_name: str
@@ -45,6 +58,7 @@ class ReportData:
     evaluations: pd.DataFrame
     outcomes: dict[int, str]
     best_trial: int | None
+    layers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -91,19 +105,20 @@ def load_report_data(*, study_name: str, storage: str | None = None, artifacts: 
         storage=_storage.redact(storage or _storage.default_url()),
         study=study,
         direction=study.direction.name.lower(),
-        metric=study.user_attrs.get("metric") or _objective_metric(complete, evaluations),
+        metric=study.user_attrs.get(STUDY_METRIC) or _objective_metric(complete, evaluations),
         trials=_results.trials_table(study),
         trajectories=_results.concat_by_trial(trajectories, TRAJECTORY_COLUMNS),
-        evaluations=_results.concat_by_trial(evaluations, ["step"]),
+        evaluations=_results.concat_by_trial(evaluations, [EVALUATION_STEP]),
         outcomes={t.number: _outcome(t) for t in study.get_trials(deepcopy=False)},
         best_trial=study.best_trial.number if complete else None,
+        layers=_layers(finished, study.best_trial if complete else None),
         notes=notes,
     )
 
 
 def _objective_metric(complete, evaluations: dict[int, pd.DataFrame]) -> str:
     """Which stored validation metric the trials reported, for studies stored without it."""
-    for metric in METRICS:
+    for metric in VALID_METRICS:
         checked = 0
         for trial in complete:
             frame = evaluations.get(trial.number)
@@ -118,7 +133,20 @@ def _objective_metric(complete, evaluations: dict[int, pd.DataFrame]) -> str:
     return "objective"
 
 
+def _layers(finished, best) -> dict[str, str]:
+    """The stored layer descriptions of ``best`` (else of the first finished trial that has them)."""
+    described = [t for t in finished if t.user_attrs.get(LAYERS)]
+    if not described:
+        return {}
+    chosen = best if best is not None and best.user_attrs.get(LAYERS) else described[0]
+    who = "best trial" if chosen is best else f"trial #{chosen.number}"
+    return {
+        group: text if all(t.user_attrs[LAYERS].get(group) == text for t in described) else f"{text} ({who})"
+        for group, text in chosen.user_attrs[LAYERS].items()
+    }
+
+
 def _outcome(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.PRUNED:
-        return "diverged" if str(trial.user_attrs.get("stop_reason", "")).startswith("diverged") else "pruned"
+        return "diverged" if str(trial.user_attrs.get(STOP_REASON, "")).startswith("diverged") else "pruned"
     return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed"}.get(trial.state, trial.state.name.lower())

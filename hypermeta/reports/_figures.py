@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from hypermeta._records import SHARED_GROUP, layer_label
 from hypermeta.reports._data import ReportData
 
 WIDTH, HEIGHT, DPI = 10.0, 5.0, 100
@@ -19,6 +20,8 @@ BEST_WIDTH, FAINT_WIDTH = 2.4, 1.0
 STEP_LABEL = "inner training step"
 NAMES = {"lr": "learning rate", "weight_decay": "weight decay", "inner_lr": "inner learning rate"}
 STOPPED = {"pruned": ("X", "tab:red"), "diverged": ("v", "tab:purple")}  # marker where such a trial stopped
+MIN_IMPORTANCE_TRIALS = 10  # fANOVA over fewer completed trials is noise, not a ranking
+PUSHES = {"up": "^", "down": "v"}  # hypergradient sign markers: < 0 pushes the value up
 
 
 class NoData(ValueError):
@@ -47,8 +50,8 @@ def _inner_rates_figure(data: ReportData) -> Figure:
                     linewidth=BEST_WIDTH if best else FAINT_WIDTH, alpha=1.0 if best else alpha,
                     zorder=3 if best else 2)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if groups != ["all"]:
-            ax.set_title(_text(_group_label(group)), fontsize=10)
+        if groups != [SHARED_GROUP]:
+            ax.set_title(_text(_group_label(data, group)), fontsize=10)
     for ax in axes:
         _log_scale(ax)
     fig.supylabel("inner learning rate (log scale)")
@@ -63,23 +66,43 @@ def weight_decays(data: ReportData) -> Figure:
 
 
 def hypergradients(data: ReportData) -> Figure:
+    """|hypergradient| on a log scale (magnitude), the best trial's points marked by sign (direction)."""
     frame = data.trajectories.dropna(subset=["hypergradient"])
     frame = frame[frame["hypergradient"] != 0]  # exactly 0: the segment was not active in that window
     if frame.empty:
         raise NoData("no hypergradients were recorded (the trials ran without hypergradient adaptation)")
+    frame = frame.assign(magnitude=frame["hypergradient"].abs())
     panels = list(dict.fromkeys(zip(frame["name"], frame["group"], strict=True)))
     fig, axes = _panels(len(panels), sharey=False, stacked=True)
     for ax, (name, group) in zip(axes, panels, strict=False):
         rows = frame[(frame["name"] == name) & (frame["group"] == group)]
-        _draw_lines(ax, data, rows, "hypergradient")
-        ax.axhline(0.0, color="0.4", linewidth=0.8, zorder=1)
-        symlog = _hypergradient_scale(ax, rows["hypergradient"])
-        scale = " (symlog scale)" if symlog else ""
-        ax.set_title(_text(f"{NAMES.get(name, name)}, {_group_label(group)}{scale}"), fontsize=10)
-    fig.supylabel("d(validation loss) / d(log value)")
+        _draw_lines(ax, data, rows, "magnitude")
+        _mark_signs(ax, data, rows)
+        _log_scale(ax)
+        ax.set_title(_text(f"{NAMES.get(name, name)}, {_group_label(data, group)}"), fontsize=10)
+    fig.supylabel("|d(validation loss) / d(log value)| (log scale)")
     fig.suptitle(_text(f"Hypergradients of the validation loss, study '{_name(data)}'"))
-    _legend(fig, data, frame)
+    sign_handles = [
+        Line2D([], [], linestyle="none", marker=PUSHES["up"], color="0.2",
+               label="best trial: < 0, pushes the value up"),
+        Line2D([], [], linestyle="none", marker=PUSHES["down"], markerfacecolor="white", color="0.2",
+               label="> 0, pushes it down"),
+    ]
+    _legend(fig, data, frame, extra=sign_handles if data.best_trial in set(frame["trial"]) else [])
     return fig
+
+
+def _mark_signs(ax, data: ReportData, rows) -> None:
+    """The best trial's hypergradients marked by direction: filled up (value pushed up), hollow down."""
+    best = rows[rows["trial"] == data.best_trial]
+    segments = _segments(data)
+    for segment, line in best.groupby("segment"):
+        up = line["hypergradient"] < 0
+        color = segments[segment]
+        ax.plot(line.loc[up, "step"], line.loc[up, "magnitude"], linestyle="none", marker=PUSHES["up"],
+                markersize=5, color=color, zorder=4)
+        ax.plot(line.loc[~up, "step"], line.loc[~up, "magnitude"], linestyle="none", marker=PUSHES["down"],
+                markersize=5, color=color, markerfacecolor="white", zorder=4)
 
 
 def learning_curves(data: ReportData) -> Figure:
@@ -137,8 +160,11 @@ def optimization_history(data: ReportData) -> Figure:
 
 def param_importances(data: ReportData) -> Figure:
     complete = data.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 2:
-        raise NoData(f"parameter importances need at least 2 completed trials; this study has {len(complete)}")
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        raise NoData(
+            f"parameter importances would rest on {len(complete)} completed trial{'s' * (len(complete) != 1)};"
+            f" they are drawn from {MIN_IMPORTANCE_TRIALS} on (pruned and failed trials do not count)"
+        )
     varying = {
         name for name in set().union(*(t.params for t in complete))
         if len({repr(t.params.get(name)) for t in complete}) > 1
@@ -165,8 +191,8 @@ def param_importances(data: ReportData) -> Figure:
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=9)
     ax.set_yticks(range(len(names)), labels=[_text(_shorten(n, 40)) for n in names])
     ax.set_xlim(0, max(values) * 1.15 if max(values) > 0 else 1)
-    ax.set_xlabel("importance (share of objective variance, fANOVA)")
-    ax.set_title(_text(f"Parameter importances over {len(complete)} completed trials, study '{_name(data)}'"))
+    ax.set_xlabel(f"importance (share of objective variance, fANOVA over {len(complete)} completed trials)")
+    ax.set_title(_text(f"Parameter importances from {len(complete)} completed trials, study '{_name(data)}'"))
     return fig
 
 
@@ -179,12 +205,12 @@ def _trajectory_figure(data: ReportData, name: str) -> Figure:
     fig, axes = _panels(len(groups), sharey=True)
     for ax, group in zip(axes, groups, strict=False):
         _draw_lines(ax, data, frame[frame["group"] == group], "value")
-        if groups != ["all"]:
-            ax.set_title(_text(_group_label(group)), fontsize=10)
+        if groups != [SHARED_GROUP]:
+            ax.set_title(_text(_group_label(data, group)), fontsize=10)
     for ax in axes:
         _log_scale(ax)
     fig.supylabel(f"{NAMES[name]} (log scale)")
-    per = "per layer" if len(groups) > 1 else "shared by all layers" if groups == ["all"] else ""
+    per = "per layer" if len(groups) > 1 else "shared by all layers" if groups == [SHARED_GROUP] else ""
     fig.suptitle(_text(f"Adaptive {NAMES[name]} {per}, study '{_name(data)}'".replace("  ", " ")))
     _legend(fig, data, frame)
     return fig
@@ -217,20 +243,21 @@ def _stop_handles(data: ReportData, trials) -> list[Line2D]:
     return handles
 
 
-def _legend(fig: Figure, data: ReportData, frame) -> None:
+def _legend(fig: Figure, data: ReportData, frame, *, extra=()) -> None:
+    """Best and other trials in the colour of their lines (the first segment's), then one swatch per segment."""
     segments = _segments(data)
     shown = sorted(frame["segment"].unique())
-    handles = _best_handles(data, color="0.2", n_trials=frame["trial"].nunique())
+    handles = _best_handles(data, color=segments[shown[0]], n_trials=frame["trial"].nunique())
     if len(shown) > 1:
         handles += [Line2D([], [], color=segments[s], linewidth=BEST_WIDTH, label=f"schedule segment {s}")
                     for s in shown]
-    handles += _stop_handles(data, frame["trial"].unique())
+    handles += [*extra, *_stop_handles(data, frame["trial"].unique())]
     _figure_legend(fig, handles)
 
 
 def _figure_legend(fig: Figure, handles) -> None:
     """Below the panels, where it covers no data and leaves the panels the full width."""
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=9, frameon=False)
 
 
 def _best_handles(data: ReportData, *, color: str, n_trials: int) -> list[Line2D]:
@@ -277,32 +304,13 @@ def _log_scale(ax) -> None:
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     decades = math.log10(high / low) if low > 0 and high > low else 1.0
-    subs = (1.0,) if decades > 6 else (1.0, 2.0, 5.0) if decades > 1.2 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1.2 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
     locator = LogLocator(base=10, subs=subs, numticks=15)
     if sum(low <= tick <= high for tick in locator.tick_values(low, high)) < 2:
         return  # a very narrow range: matplotlib's own log ticks label the minor ticks then
     ax.yaxis.set_major_locator(locator)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _hypergradient_scale(ax, values) -> bool:
-    """Symmetric log scale (linear near 0) for values over 2+ decades, else linear; True if symlog."""
-    magnitudes = values.abs()
-    top, small = float(magnitudes.max()), float(magnitudes.quantile(0.1))
-    if not (top > 0 and small > 0 and top / small >= 100):
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
-        return False
-    low, high = math.floor(math.log10(small)), math.floor(math.log10(top))
-    ax.set_yscale("symlog", linthresh=10.0**low)
-    limits = ax.get_ylim()
-    every = max(1, math.ceil((high - low) / 3))  # about 3 labelled decades on each side
-    ticks = [0.0, *(sign * 10.0**k for k in range(high, low, -every) for sign in (1, -1))]
-    ticks = sorted(t for t in ticks if limits[0] <= t <= limits[1])
-    ax.set_yticks(ticks, labels=[f"{t:g}" for t in ticks])
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylim(limits)
-    return True
 
 
 def _faint_alpha(n_trials: int) -> float:
@@ -324,8 +332,12 @@ def _name(data: ReportData) -> str:
     return _shorten(data.study_name, 50)
 
 
-def _group_label(group: str) -> str:
-    return "all layers (one shared value)" if group == "all" else f"layer {_shorten(group, 40)}"
+def _group_label(data: ReportData, group: str) -> str:
+    """``layer 0 Linear(64->128)``: module path and type as the best trial stored them (bare name if not stored)."""
+    if group == SHARED_GROUP:
+        return "all layers (one shared value)"
+    label = layer_label(group, data.layers)
+    return f"layer {_shorten(label, 60)}"
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -40,7 +40,8 @@ FIGURES: list[tuple[str, str, Callable[[ReportData], Figure], str]] = [
      "The objective of each completed trial in the order they ran, and the best so far."),
     ("param-importances.png", "Parameter importances", _figures.param_importances,
      "How much of the variation of the objective over completed trials each searched parameter explains"
-     " (Optuna's fANOVA evaluator)."),
+     " (Optuna's fANOVA evaluator), over completed trials only; left out below"
+     f" {_figures.MIN_IMPORTANCE_TRIALS} of them."),
 ]
 CSV_FILES = ("trials.csv", "trajectories.csv", "evaluations.csv")
 
@@ -168,7 +169,8 @@ table { border-collapse: collapse; font-size: .9em; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: .2em .5em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best { background: #fff3d6; font-weight: 600; }
-.scroll { overflow-x: auto; }
+.scroll { overflow: auto; max-height: 36em; border: 1px solid #ddd; }
+.scroll table { margin: 0; } .scroll th { position: sticky; top: 0; background: #f6f6f6; }
 .meta { color: #555; }
 .note { color: #7a5a00; background: #fffaf0; padding: .4em .6em; border-left: 3px solid #e0b040; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }

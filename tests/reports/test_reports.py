@@ -27,7 +27,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURE_FILES = [file_name for file_name, *_ in FIGURES]
 
 # Per-layer learning rates in 2 schedule segments and a weight decay, adapted every 10 steps;
-# trial 2 fails, trial 3 is pruned at step 30 and trial 5 diverges before its first hyper-step.
+# trial 2 fails, trial 3 is pruned at step 30 and trial 5 diverges before its first hyper-step;
+# the other 10 complete (enough for parameter importances; one run of 13 trials, the failed one included).
 STUDY_FILE = f"""
 import optuna
 import torch
@@ -56,7 +57,7 @@ def build(trial):
     )
 
 
-study = hypermeta.Study(name={STUDY!r}, build=build, n_trials=6, pruner=StopTrial3())
+study = hypermeta.Study(name={STUDY!r}, build=build, n_trials=13, pruner=StopTrial3())
 """
 
 
@@ -119,14 +120,16 @@ def test_report_shows_the_best_trial_and_every_trial(stored, report):
     for key in ("lr/0/1", "lr/2/0", "weight_decay/all", "macro-F1", "accuracy"):
         assert key in text
     trials = pd.read_csv(report / "trials.csv")
-    assert trials["state"].tolist() == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE", "PRUNED"]
+    expected = ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE", "PRUNED", *["COMPLETE"] * 7]
+    assert trials["state"].tolist() == expected
     assert trials.loc[5, "note"].startswith("diverged")
     trajectories = pd.read_csv(report / "trajectories.csv", dtype={"group": str})
     assert set(trajectories["name"]) == {"lr", "weight_decay"}
     assert set(trajectories["segment"]) == {0, 1}
     assert set(trajectories["group"]) == {"0", "2", "all"}
-    assert set(trajectories["trial"]) == {0, 1, 3, 4}  # failed trial 2 has none, diverged trial 5 an empty one
-    assert set(pd.read_csv(report / "evaluations.csv")["trial"]) == {0, 1, 3, 4}
+    drawn = set(range(13)) - {2, 5}  # failed trial 2 has none, diverged trial 5 an empty one
+    assert set(trajectories["trial"]) == drawn
+    assert set(pd.read_csv(report / "evaluations.csv")["trial"]) == drawn
 
 
 def test_user_strings_are_escaped_in_the_html(report):
@@ -173,12 +176,61 @@ def test_figures_from_python(stored):
         assert isinstance(figure, Figure) and figure.axes, function.__name__
     figure = reports.plot_learning_rates(study_name=STUDY, storage=stored.url)
     assert [ax.get_yscale() for ax in figure.axes] == ["log", "log"]
-    assert [ax.get_title() for ax in figure.axes] == ["layer 0", "layer 2"]
+    assert [ax.get_title() for ax in figure.axes] == ["layer 0 Linear(64->16)", "layer 2 Linear(16->10)"]
+    old = dataclasses.replace(data, layers={})  # a study stored before layers were described
+    assert [ax.get_title() for ax in reports.plot_learning_rates(data=old).axes] == ["layer 0", "layer 2"]
     with pytest.raises(ValueError, match="either study_name= .* or data="):
         reports.plot_learning_rates()
     without_decay = data.trajectories[data.trajectories["name"] == "lr"]
     with pytest.raises(ValueError, match="no weight decay"):
         reports.plot_weight_decays(data=dataclasses.replace(data, trajectories=without_decay))
+
+
+def _best_lines(figure, data):
+    """The best trial's lines: the bold ones."""
+    from hypermeta.reports._figures import BEST_WIDTH
+
+    return [line for ax in figure.axes for line in ax.get_lines() if line.get_linewidth() == BEST_WIDTH]
+
+
+def test_the_best_trials_legend_swatch_has_its_lines_colour(stored):
+    data = reports.load_report_data(study_name=STUDY, storage=stored.url)
+    data = dataclasses.replace(data, trajectories=data.trajectories[data.trajectories["segment"] == 0])
+    for plot in (reports.plot_learning_rates, reports.plot_weight_decays, reports.plot_hypergradients):
+        figure = plot(data=data)
+        (legend,) = figure.legends
+        swatch = next(h for h, t in zip(legend.legend_handles, legend.get_texts(), strict=True)
+                      if t.get_text() == f"best trial #{data.best_trial}")
+        assert {line.get_color() for line in _best_lines(figure, data)} == {swatch.get_color()}, plot.__name__
+
+
+def test_hypergradients_show_magnitude_on_a_log_scale_and_sign_by_marker(stored):
+    data = reports.load_report_data(study_name=STUDY, storage=stored.url)
+    figure = reports.plot_hypergradients(data=data)
+    assert {ax.get_yscale() for ax in figure.axes} == {"log"}
+    frame = data.trajectories[data.trajectories["trial"] == data.best_trial]
+    frame = frame[frame["hypergradient"] != 0]
+    for ax, ((name, group), rows) in zip(figure.axes, frame.groupby(["name", "group"], sort=False), strict=True):
+        ups = [line for line in ax.get_lines() if line.get_marker() == "^"]
+        downs = [line for line in ax.get_lines() if line.get_marker() == "v" and line.get_markerfacecolor() == "white"]
+        assert sum(len(line.get_xdata()) for line in ups) == (rows["hypergradient"] < 0).sum(), (name, group)
+        assert sum(len(line.get_xdata()) for line in downs) == (rows["hypergradient"] > 0).sum(), (name, group)
+        assert all(y > 0 for line in ups + downs for y in line.get_ydata())
+
+
+def test_importances_say_how_many_trials_they_rest_on(stored):
+    data = reports.load_report_data(study_name=STUDY, storage=stored.url)
+    figure = reports.plot_param_importances(data=data)
+    assert "from 10 completed trials" in figure.axes[0].get_title()
+
+
+def test_the_trials_table_scrolls_in_its_own_box(report):
+    from hypermeta.reports._html import _STYLE
+
+    text = (report / "index.html").read_text(encoding="utf-8")
+    assert '<div class="scroll"><table>' in text
+    rule = _STYLE[_STYLE.index(".scroll {"):].split("}")[0]
+    assert "overflow: auto" in rule and "max-height" in rule
 
 
 def test_a_missing_artifact_file_is_noted_and_the_rest_reported(stored, tmp_path):
@@ -190,7 +242,7 @@ def test_a_missing_artifact_file_is_noted_and_the_rest_reported(stored, tmp_path
     (tmp_path / "artifacts" / next(m for m in metas if m.filename == "trajectory.csv").artifact_id).unlink()
     data = reports.load_report_data(study_name=STUDY, storage=url)
     assert data.notes == ["trial 0: trajectory.csv is missing from the artifact store"]
-    assert set(data.trajectories["trial"]) == {1, 3, 4}
+    assert set(data.trajectories["trial"]) == set(range(13)) - {0, 2, 5}
 
 
 def test_figures_that_need_more_trials_are_left_out_with_a_note(stored, tmp_path):
@@ -208,7 +260,7 @@ def test_figures_that_need_more_trials_are_left_out_with_a_note(stored, tmp_path
     text = (out / "index.html").read_text(encoding="utf-8")
     assert _Tags(text).images == ["learning-rates.png", "hypergradients.png", "learning-curves.png"]
     assert "Not drawn: no weight decay was adapted in this study." in text
-    assert "Not drawn: parameter importances need at least 2 completed trials; this study has 1." in text
+    assert "Not drawn: parameter importances would rest on 1 completed trial; they are drawn from 10 on" in text
     assert not (out / "param-importances.png").exists()
 
 
