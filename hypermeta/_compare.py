@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,18 +156,6 @@ def _default(distribution: optuna.distributions.BaseDistribution):
     return middle
 
 
-def best_so_far(trials: pd.DataFrame, *, axis: str, grid, direction: str) -> pd.DataFrame:
-    """Best value reached within each budget in ``grid`` (on ``axis``), per arm and seed."""
-    better: Callable = min if direction == "minimize" else max
-    rows = []
-    for (arm, seed), frame in trials.groupby(["arm", "seed"]):
-        for point in grid:
-            done = frame[(frame[axis] <= point) & frame["value"].notna()]
-            best = better(done["value"]) if len(done) else math.nan
-            rows.append({"arm": arm, "seed": seed, axis: point, "best": best})
-    return pd.DataFrame(rows)
-
-
 def within_budget(trials: pd.DataFrame, budget: Budget) -> pd.Series:
     """Which trials ended within the budget (the defaults arm's one run always does)."""
     return (trials[f"cum_{budget.unit}"] <= budget.total * (1 + 1e-9)) | (trials["arm"] == "defaults")
@@ -220,7 +207,9 @@ def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Pat
         table = markdown_table(summary, study=study, budget=budget, fractions=fractions)
         (staging / "README.md").write_text(table)
         for axis in ("steps", "seconds"):
-            figure = plot_best_so_far(counted, axis=axis, study=study)
+            figure = plot_best_so_far(
+                counted, axis=axis, study_name=study.name, metric=study.metric, direction=study.direction
+            )
             figure.savefig(staging / f"best_vs_{axis}.png", dpi=100)
     return out
 
@@ -253,23 +242,69 @@ def _spread(values: pd.Series, spec: str) -> str:
     return f"{values.median():{spec}} [{values.min():{spec}}, {values.max():{spec}}]"
 
 
-def plot_best_so_far(trials: pd.DataFrame, *, axis: str, study: Study) -> Figure:
-    """Best-so-far validation metric against the budget spent, median over seeds, range shaded."""
+ARM_STYLES = {  # colour, line style, marker: every arm distinguishable in colour and in grey
+    "hypermeta": ("tab:blue", "-", "o"),
+    "tpe": ("tab:orange", "--", "s"),
+    "random": ("tab:green", ":", "^"),
+    "defaults": ("tab:red", "none", "*"),
+}
+
+
+def plot_best_so_far(trials: pd.DataFrame, *, axis: str, study_name: str, metric: str, direction: str) -> Figure:
+    """Best-so-far ``metric`` against the budget spent (``axis``: steps or seconds), median over seeds.
+
+    Each arm's line starts once every seed has a completed trial and ends where its last seed
+    stopped; the defaults arm (one long run per seed) is a single point. A narrow panel on the
+    right shows each arm's final best: median and range over seeds.
+    """
     column = f"cum_{axis}"
-    grid = np.linspace(0, trials[column].max(), 100)[1:]
-    curves = best_so_far(trials, axis=column, grid=grid, direction=study.direction)
-    figure = Figure(figsize=(9, 5), layout="constrained")
-    ax = figure.subplots()
-    for arm in ARMS:
-        per_point = curves[curves["arm"] == arm].groupby(column)["best"]
-        median, low, high = per_point.median(), per_point.min(), per_point.max()
-        line = ax.plot(median.index, median.values, label=arm, drawstyle="steps-post")[0]
-        ax.fill_between(median.index, low.values, high.values, color=line.get_color(), alpha=0.15, step="post")
+    figure = Figure(figsize=(10, 5.5), layout="constrained")
+    ax, finals = figure.subplots(1, 2, sharey=True, width_ratios=[6, 1])
+    arms = [arm for arm in ARMS if arm in set(trials["arm"])]
+    for index, arm in enumerate(arms):
+        color, linestyle, marker = ARM_STYLES[arm]
+        x, median, low, high = _median_best(trials[trials["arm"] == arm], column, direction)
+        if not len(x):
+            continue
+        size = 11 if marker == "*" else 6
+        ax.plot(x, median, drawstyle="steps-post", color=color, linestyle=linestyle, marker=marker,
+                markersize=size, linewidth=2, label=arm, zorder=3)
+        finals.errorbar([index], [median[-1]], yerr=[[median[-1] - low], [high - median[-1]]], color=color,
+                        marker=marker, markersize=size, capsize=4, elinewidth=1.5)
+    ax.set_xlim(0, float(trials[column].max()) * 1.03 or 1.0)
     ax.set_xlabel(f"budget spent ({'inner training steps' if axis == 'steps' else 'wall-clock seconds'})")
-    ax.set_ylabel(f"best {study.metric} so far")
-    if study.direction == "minimize":
+    ax.set_ylabel(f"best {metric} so far" + (" (log scale)" if direction == "minimize" else ""))
+    if direction == "minimize":
         ax.set_yscale("log")
-    ax.set_title(f"{study.name}: best so far against budget ({axis}), median and range over seeds")
-    ax.legend(loc="upper right")
-    ax.grid(alpha=0.3)
+    ax.set_title(f"{study_name}: best so far against {axis}, median over {trials['seed'].nunique()} seeds")
+    finals.set_xticks(range(len(arms)), labels=arms, rotation=45, ha="right")
+    finals.set_xlim(-0.6, len(arms) - 0.4)
+    finals.set_title("final best:\nmedian, range", fontsize=9)
+    for panel in (ax, finals):
+        panel.grid(alpha=0.3)
+    figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(arms), frameon=False)
     return figure
+
+
+def _median_best(trials: pd.DataFrame, column: str, direction: str):
+    """Change points of the median best-so-far over seeds, and the seeds' final min and max."""
+    per_seed = []
+    for _, frame in trials.groupby("seed"):
+        frame = frame.sort_values(column)
+        expanding = frame["value"].expanding(min_periods=1)
+        best = expanding.min() if direction == "minimize" else expanding.max()
+        per_seed.append((frame[column].to_numpy(float), best.to_numpy(float)))
+    points = np.unique(np.concatenate([x for x, _ in per_seed]))
+    values = np.array([[_value_at(x, best, p) for p in points] for x, best in per_seed])
+    median = np.median(values, axis=0)  # NaN until every seed has a completed trial
+    keep = ~np.isnan(median)
+    points, median = points[keep], median[keep]
+    changes = np.r_[True, median[1:] != median[:-1]] if len(median) else keep[:0]
+    changes[-1:] = True  # the end, where the arm stopped
+    finals = values[:, -1]
+    return points[changes], median[changes], np.nanmin(finals), np.nanmax(finals)
+
+
+def _value_at(x: np.ndarray, best: np.ndarray, point: float) -> float:
+    index = np.searchsorted(x, point, side="right") - 1
+    return float(best[index]) if index >= 0 else math.nan

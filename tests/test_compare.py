@@ -107,3 +107,21 @@ def test_compare_never_replaces_a_directory_the_user_owns(tmp_path, capsys):
     assert _cli.main(["compare", str(study_file), "--budget-steps", "40", "--out", str(mine)]) == 2
     assert "not a hypermeta report" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("axis", ["steps", "seconds"])
+def test_every_arm_is_drawn_distinguishably_and_ends_where_it_stopped(report, axis):
+    from hypermeta._compare import plot_best_so_far
+
+    trials = pd.read_csv(report / "trials.csv")
+    counted = trials[trials["within_budget"]]
+    figure = plot_best_so_far(counted, axis=axis, study_name="tiny-compare", metric="valid_loss", direction="minimize")
+    main, finals = figure.axes
+    lines = {line.get_label(): line for line in main.get_lines()}
+    assert set(lines) == set(ARMS)  # the defaults arm too
+    assert len({(line.get_linestyle(), line.get_marker()) for line in lines.values()}) == len(ARMS)
+    assert not main.collections  # no shaded ranges over the lines
+    for arm, line in lines.items():
+        assert line.get_xdata()[-1] == pytest.approx(counted[counted["arm"] == arm][f"cum_{axis}"].max())
+    assert not main.get_legend() and len(figure.legends) == 1  # outside the panels
+    assert [label.get_text() for label in finals.get_xticklabels()] == list(ARMS)
