@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from hypermeta._records import SHARED_GROUP, layer_label
@@ -84,9 +85,9 @@ def hypergradients(data: ReportData) -> Figure:
     fig.suptitle(_text(f"Hypergradients of the validation loss, study '{_name(data)}'"))
     sign_handles = [
         Line2D([], [], linestyle="none", marker=PUSHES["up"], color="0.2",
-               label="best trial: < 0, pushes the value up"),
+               label="best trial, < 0: pushes the value up"),
         Line2D([], [], linestyle="none", marker=PUSHES["down"], markerfacecolor="white", color="0.2",
-               label="> 0, pushes it down"),
+               label="> 0: pushes it down"),
     ]
     _legend(fig, data, frame, extra=sign_handles if data.best_trial in set(frame["trial"]) else [])
     return fig
@@ -249,15 +250,14 @@ def _legend(fig: Figure, data: ReportData, frame, *, extra=()) -> None:
     shown = sorted(frame["segment"].unique())
     handles = _best_handles(data, color=segments[shown[0]], n_trials=frame["trial"].nunique())
     if len(shown) > 1:
-        handles += [Line2D([], [], color=segments[s], linewidth=BEST_WIDTH, label=f"schedule segment {s}")
-                    for s in shown]
+        handles += [Patch(color=segments[s], label=f"schedule segment {s}") for s in shown]
     handles += [*extra, *_stop_handles(data, frame["trial"].unique())]
     _figure_legend(fig, handles)
 
 
 def _figure_legend(fig: Figure, handles) -> None:
     """Below the panels, where it covers no data and leaves the panels the full width."""
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9, frameon=False)
 
 
 def _best_handles(data: ReportData, *, color: str, n_trials: int) -> list[Line2D]:
