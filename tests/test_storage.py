@@ -120,7 +120,7 @@ def test_load_study_names_the_known_studies(tmp_path):
 
 
 class _LosesTheRaceTwice:
-    """Optuna's RDBStorage that fails as a worker losing the table-creation race does, then works.
+    """hypermeta's RDBStorage that fails as a worker losing the table-creation race does, then works.
 
     A stand-in for the other worker, which cannot be made to collide on cue; the storage after
     the failures is the real one.
@@ -128,7 +128,7 @@ class _LosesTheRaceTwice:
 
     def __init__(self, error: Exception, failures: int) -> None:
         self.error, self.failures, self.calls = error, failures, 0
-        self.real = optuna.storages.RDBStorage
+        self.real = _storage._PatientRDBStorage
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -143,14 +143,14 @@ def _sql_error(message: str) -> Exception:
 
 def test_opening_a_new_database_retries_when_another_worker_created_its_tables_first(tmp_path, monkeypatch):
     fake = _LosesTheRaceTwice(_sql_error("UNIQUE constraint failed: alembic_version.version_num"), failures=2)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    monkeypatch.setattr(_storage, "_PatientRDBStorage", fake)
     storage = _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
     assert fake.calls == 3 and storage.get_all_studies() == []
 
 
 def test_other_storage_errors_are_not_retried(tmp_path, monkeypatch):
     fake = _LosesTheRaceTwice(_sql_error("disk I/O error"), failures=2)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    monkeypatch.setattr(_storage, "_PatientRDBStorage", fake)
     with pytest.raises(UsageError, match="disk I/O error"):
         _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
     assert fake.calls == 1
