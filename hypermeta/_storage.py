@@ -122,8 +122,9 @@ def open_storage(url: str | None, *, create: bool, heartbeat: bool = False) -> o
     try:
         return _rdb_storage(url, sqlite=sqlite_path(url) is not None, heartbeat=heartbeat)
     except ImportError as error:
-        advice = DRIVERS.get(getattr(error, "name", None) or "", "install the database driver the URL names")
-        raise UsageError(f"storage {redact(url)}: {describe(error)}; {advice}") from None
+        missing = error.__cause__ or error  # Optuna wraps the driver's ImportError
+        advice = DRIVERS.get(getattr(missing, "name", None) or "", "install the database driver the URL names")
+        raise UsageError(f"storage {redact(url)}: no database driver ({describe(missing)}); {advice}") from None
     except Exception as error:  # SQLAlchemy reports bad URLs and unreachable servers many ways
         problem = redact_text(describe(error), url)
         raise UsageError(f"cannot open storage {redact(url)}: {problem}; check the URL") from None
@@ -145,6 +146,12 @@ def check_url(url: str, *, create: bool) -> None:
     if "://" not in url or not _scheme(url):
         shown = redact(f"x://{url}")[4:]  # a password may be there even without a scheme
         raise UsageError(f"storage {shown!r} is not a URL; use e.g. sqlite:///path/to/file.db")
+    location = url.partition("://")[2].partition("?")[0]
+    if not location.startswith("/") and location.count("@") > 1 or "/" in location[: max(location.rfind("@"), 0)]:
+        raise UsageError(
+            f"storage {redact(url)}: the user name or password holds a raw '@' or '/', which the driver would"
+            " misread; write them percent-encoded (@ as %40, / as %2F)"
+        )
 
 
 def _scheme(url: str) -> str:
@@ -219,7 +226,7 @@ class _PatientRDBStorage(optuna.storages.RDBStorage):
             pass  # the heartbeat thread must not print a traceback: the next call of the run reports it
 
     def _patiently(self, method, *args, **kwargs):
-        delay = 0.5
+        delay = 0.25
         while True:
             try:
                 result = method(self, *args, **kwargs)
@@ -235,7 +242,7 @@ class _PatientRDBStorage(optuna.storages.RDBStorage):
                         f" ({redact_text(describe(_root(error)), self._url)}); check the server, then run again"
                     ) from None
                 time.sleep(min(delay, OUTAGE_S - waited) * random.uniform(0.8, 1.2))
-                delay = min(2 * delay, 8)
+                delay = min(2 * delay, 4)
                 continue
             self._outage_since = None
             return result
