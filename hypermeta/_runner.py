@@ -139,11 +139,11 @@ def _optimize(stored: optuna.Study, objective: TrialRunner, *, target: int, time
 
 def _warn_if_artifacts_lost(stored: optuna.Study, directory: Path) -> None:
     """A missing artifact store that the study's trials wrote to was deleted or moved: say so."""
-    lost = sum(_storage.has_artifacts(t) for t in stored.get_trials(deepcopy=False))
+    lost = sum(_storage.lacks_artifact_files(t, directory) for t in stored.get_trials(deepcopy=False))
     if lost:
         warnings.warn(
             f"artifact store {directory} did not exist, but {lost} trials of study {stored.study_name!r} stored"
-            " files there: created it empty, their trajectories are missing (restore the directory, or pass"
+            " files there: created it anew, their trajectories are missing (restore the directory, or pass"
             " --artifacts DIR where it is now)",
             _storage.MissingArtifactsWarning, stacklevel=2,
         )

@@ -374,6 +374,12 @@ def has_artifacts(trial: optuna.trial.FrozenTrial) -> bool:
     return any(key.startswith(ARTIFACTS_ATTR_PREFIX) for key in trial.system_attrs)
 
 
+def lacks_artifact_files(trial: optuna.trial.FrozenTrial, directory: Path) -> bool:
+    """Whether a file ``trial`` recorded is not in the file-system artifact store at ``directory``."""
+    keys = [key for key in trial.system_attrs if key.startswith(ARTIFACTS_ATTR_PREFIX)]
+    return any(not (directory / key.removeprefix(ARTIFACTS_ATTR_PREFIX)).is_file() for key in keys)
+
+
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     names = [s.study_name for s in storage.get_all_studies()]
     if name not in names:

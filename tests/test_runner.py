@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -213,6 +214,27 @@ def test_unknown_sampler_is_a_usage_error(tmp_path, digits):
     with pytest.raises(UsageError, match="unknown sampler 'nope'"):
         run_study(hypermeta.Study(name="x", build=_builder(digits)), _options(tmp_path, sampler="nope"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_workers_started_together_draw_distinct_trials_with_every_sampler(tmp_path, digits, sampler):
+    """Three workers (threads here; test_workers has processes) start on a new study at the same moment."""
+    study = hypermeta.Study(name="together", build=_builder(digits, steps=10), n_trials=6)
+    start = threading.Barrier(3)
+
+    def worker():
+        start.wait()
+        run_study(study, _options(tmp_path, sampler=sampler))
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    trials = optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path / 'runs.db'}").trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
+    drawn = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    assert len(drawn) >= 6 and len(set(drawn)) == len(drawn), drawn
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
