@@ -130,6 +130,12 @@ def _optimize(stored: optuna.Study, objective: TrialRunner, *, target: int, time
                 callbacks=[optuna.study.MaxTrialsCallback(target, states=TAKEN), objective.progress.end_trial],
             )
             return
+        except UnboundLocalError as error:
+            # Optuna 5's _run_trial hides a storage error of its final tell behind an UnboundLocalError
+            cause = error.__context__
+            if isinstance(cause, RunError):
+                raise cause from None
+            raise
         except TrialTakenOver as taken:
             objective.progress.note(
                 f"hypermeta: trial {taken.number} was failed by another worker while this one was paused or cut off"

@@ -258,10 +258,10 @@ def _retrying(name: str):
     return retrying
 
 
-for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat", "_get_stale_trial_ids"):
-    _method = _PatientRDBStorage.__dict__.get(_name)
-    if _method is None:
-        setattr(_PatientRDBStorage, _name, _retrying(_name))
+for _name in dir(optuna.storages.RDBStorage):  # every public method may query the database
+    if not _name.startswith("_") and callable(getattr(optuna.storages.RDBStorage, _name)):
+        if _name not in _PatientRDBStorage.__dict__:
+            setattr(_PatientRDBStorage, _name, _retrying(_name))
 
 
 def _connection_lost(error: BaseException) -> bool:

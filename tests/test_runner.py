@@ -338,3 +338,24 @@ def _add_running_trial(url: str, name: str, *, seconds_ago: float) -> optuna.tri
     trial.datetime_start = datetime.now() - timedelta(seconds=seconds_ago)
     stored.add_trial(trial)
     return stored.trials[-1]
+
+
+def test_a_storage_gone_for_longer_than_the_limit_ends_the_run_with_one_error(postgres_server, postgres_url, digits,
+                                                                              tmp_path, monkeypatch):
+    """The real server stops while trial 1 trains and stays down past the (shortened) limit."""
+    monkeypatch.setattr(_storage, "OUTAGE_S", 2)
+    inner = _builder(digits)
+
+    def build(trial):
+        if trial.number == 1:
+            postgres_server.stop()
+        return inner(trial)
+
+    study = hypermeta.Study(name="outage", build=build, n_trials=3)
+    try:
+        with pytest.raises(RunError, match=r"^storage postgresql\+psycopg2://hypermeta:\*\*\*@.* unreachable for"):
+            run_study(study, RunOptions(storage=postgres_url, artifacts=str(tmp_path / "a"), quiet=True))
+    finally:
+        postgres_server.start()
+    trials = optuna.load_study(study_name="outage", storage=postgres_url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]  # its heartbeat has stopped
