@@ -15,7 +15,7 @@ import torch
 from hypermeta import _results, _storage
 from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._private.files import check_target, directory_name
-from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study
+from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study, signals_end_trials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,14 +134,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _PYTHON_SHOWWARNING = warnings.showwarning
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
-
-
 def _run(args) -> int:
+    with signals_end_trials():
+        return _run_study(args)
+
+
+def _run_study(args) -> int:
     if args.warm_storage and not args.warm_start:
         raise UsageError("--warm-storage needs --warm-start STUDY; see `hypermeta run --help`")
-    signal.signal(signal.SIGTERM, _terminate)  # end the trial as Ctrl-C does: FAIL with its reason, not RUNNING
     study = load_study_file(args.study_file)
     options = RunOptions(
         storage=args.storage, artifacts=args.artifacts, n_trials=args.n_trials, timeout=args.timeout,

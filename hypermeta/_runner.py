@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import runpy
+import signal
 import sys
 import tempfile
 import time
@@ -382,6 +383,41 @@ class _ArtifactsUnwritable(Exception):
     """The artifact store refused a file: every later trial would train for nothing."""
 
 
+_PENDING: list[KeyboardInterrupt] = []
+
+
+@contextlib.contextmanager
+def signals_end_trials():
+    """SIGINT and SIGTERM end the current trial (FAIL, with its reason), not leave it RUNNING.
+
+    The handler raises where the signal lands, and the inner-step callback raises it again: Python
+    drops an exception raised in a garbage-collector callback (printing "Exception ignored in"),
+    and a signal can land in one; such a dropped interrupt is not printed.
+    """
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = hook
+        _PENDING.clear()
+
+
+def _interrupt(signum: int, frame) -> None:
+    _PENDING.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+    raise _PENDING[-1]
+
+
+def _unraisable(hook):
+    def quiet(unraisable) -> None:
+        if not (_PENDING and unraisable.exc_value is _PENDING[-1]):
+            hook(unraisable)
+
+    return quiet
+
+
 class _Progress:
     """A bar of trials and a bar of the current trial's inner steps (nothing with ``quiet``)."""
 
@@ -398,6 +434,8 @@ class _Progress:
         self.inner.reset(total=steps)
 
     def steps(self, n: int) -> None:
+        if _PENDING:
+            raise _PENDING[-1]
         self.inner.update(n)
 
     def end_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -138,6 +138,7 @@ def test_a_missing_driver_names_what_to_install(tmp_path):
 
 @pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
 def test_every_postgresql_url_form_opens_with_the_postgres_extra(postgres_server, request, driver):
+    pytest.importorskip("psycopg2" if driver == "+psycopg2" else "psycopg", reason="pip install -e '.[dev]'")
     url = postgres_server.new_database(request.node.name, driver=driver)
     storage = _storage.open_storage(url, create=True)
     optuna.create_study(storage=storage, study_name="s")

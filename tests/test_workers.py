@@ -68,17 +68,21 @@ def _wait_for_running_trial(url: str, process: subprocess.Popen, timeout: float 
     pytest.fail("no trial started")
 
 
-def test_ctrl_c_fails_the_current_trial_with_a_reason_and_exits_130(tmp_path):
+@pytest.mark.parametrize(
+    ("signal_number", "line", "reason"),
+    [(signal.SIGINT, "interrupted", "interrupted (Ctrl-C)"), (signal.SIGTERM, "terminated", "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_fails_the_current_trial_with_a_reason(tmp_path, signal_number, line, reason):
     study_file, url = _setup(tmp_path, steps=5000)
     process = _start(study_file, url)
     _wait_for_running_trial(url, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines() == ["hypermeta: interrupted"]
-    trials = optuna.load_study(study_name="workers", storage=url).trials
-    assert [t.state.name for t in trials] == ["FAIL"]
-    assert trials[0].user_attrs["stop_reason"] == "interrupted (Ctrl-C)"
+    assert process.returncode == (130 if signal_number == signal.SIGINT else 128 + signal.SIGTERM)
+    assert stderr.strip().splitlines() == [f"hypermeta: {line}"]
+    (trial,) = optuna.load_study(study_name="workers", storage=url).trials
+    assert trial.state == TrialState.FAIL  # not left RUNNING until the grace period
+    assert trial.user_attrs["fail_reason"] == trial.user_attrs["stop_reason"] == reason
 
 
 def test_a_killed_worker_s_trial_is_failed_after_the_grace_period_and_run_again(tmp_path):
@@ -172,19 +176,6 @@ def test_three_workers_start_together_on_a_new_sqlite_file(tmp_path):
         assert returncode == 0, stderr
         assert "locked" not in stderr
     _check_exactly_finished(url, tmp_path / "artifacts", 9)
-
-
-def test_sigterm_fails_the_current_trial_with_a_reason_like_ctrl_c(tmp_path):
-    study_file, url = _setup(tmp_path, steps=5000)
-    process = _start(study_file, url)
-    _wait_for_running_trial(url, process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert stderr.strip().splitlines() == ["hypermeta: terminated"]
-    (trial,) = optuna.load_study(study_name="workers", storage=url).trials
-    assert trial.state == TrialState.FAIL
-    assert trial.user_attrs["fail_reason"] == trial.user_attrs["stop_reason"] == "terminated (SIGTERM)"
 
 
 PAUSED = STUDY.replace("steps=STEPS,", "steps=5000 if trial.number == 0 else 20, eval_every=20,")
