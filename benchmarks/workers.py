@@ -3,9 +3,10 @@
     python benchmarks/workers.py throughput [--trials 16] [--steps 400] [--storage URL]
     python benchmarks/workers.py soak [--trials 40] [--steps 1200] [--workers 2] [--kills 6] [--storage URL]
 
-``throughput`` runs the same number of trials with 1 and with 2 workers, each with PyTorch's
-default CPU threads and with ``--threads 1``, side by side in one run (every configuration twice,
-in mirrored order), each run on a new study, and prints a table of trials per minute.
+``throughput`` runs the same number of trials with 1 and with 2 workers, each with hypermeta's
+default threads (no ``--threads``), with ``--threads 1`` and with a thread per core (PyTorch's own
+default, ``--threads <cores>``), side by side in one run (every configuration twice, in mirrored
+order), each run on a new study, and prints a table of trials per minute.
 
 ``soak`` keeps ``--workers`` workers busy on one study, SIGKILLs a random one (at least 6 s old)
 every few seconds, ``--kills`` times, starting a replacement each time, then runs `hypermeta run`
@@ -95,7 +96,9 @@ def wait_all(workers: list[subprocess.Popen]) -> None:
             raise SystemExit(f"a worker failed (exit {worker.returncode}): {stderr.strip()}")
 
 
-CONFIGURATIONS = [(1, None), (1, 1), (2, 1), (2, None)]  # (workers, --threads; None: PyTorch's default)
+CORES = os.cpu_count() or 1
+# (workers, --threads; None: hypermeta's default, CORES: PyTorch's default of a thread per core)
+CONFIGURATIONS = [(1, None), (1, 1), (1, CORES), (2, None), (2, 1), (2, CORES)]
 
 
 def throughput(workspace: Workspace, *, trials: int, steps: int) -> None:
@@ -109,13 +112,14 @@ def throughput(workspace: Workspace, *, trials: int, steps: int) -> None:
         assert finished == trials, f"{finished} trials finished, {trials} requested"
     print(f"{trials} trials of {steps} steps per run; {os.cpu_count()} cores; "
           f"storage {_storage.redact(workspace.storage)}")
-    print("| workers | --threads | seconds (2 runs) | trials per minute | vs 1 worker, default threads |")
+    print("| workers | --threads | seconds (2 runs) | trials per minute | vs same workers, --threads 1 |")
     print("|---|---|---|---|---|")
     rate = {configuration: 60 * trials * 2 / sum(runs) for configuration, runs in seconds.items()}
     for (n_workers, threads), runs in seconds.items():
         shown = ", ".join(f"{s:.1f}" for s in runs)
-        print(f"| {n_workers} | {threads or 'default'} | {shown} | {rate[n_workers, threads]:.1f} | "
-              f"{rate[n_workers, threads] / rate[1, None]:.2f}x |")
+        label = "none (default)" if threads is None else threads
+        print(f"| {n_workers} | {label} | {shown} | {rate[n_workers, threads]:.1f} | "
+              f"{rate[n_workers, threads] / rate[n_workers, 1]:.2f}x |")
 
 
 def soak(workspace: Workspace, *, trials: int, steps: int, n_workers: int, kills: int, seed: int) -> bool:

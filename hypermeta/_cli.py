@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -11,9 +13,9 @@ import pandas as pd
 import torch
 
 from hypermeta import _results, _storage
-from hypermeta._errors import UsageError
+from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._private.files import check_target, directory_name
-from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study
+from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study, signals_end_trials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     def threads_flag(command):
         command.add_argument(
             "--threads", type=_positive_int,
-            help="CPU threads for PyTorch (default: its own, all cores); with W workers on one machine: cores / W",
+            help="CPU threads for PyTorch (default 1: workers beside each other or other processes do not"
+            " thrash; more only helps large models on an otherwise idle machine)",
         )
 
     run = commands.add_parser("run", help="run a study file until it holds N finished trials")
@@ -99,19 +102,44 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)  # workers sharing cores thrash with a thread per core each
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = _parser().parse_args(argv)
+            if hasattr(args, "threads"):
+                # PyTorch's default, a thread per core, thrashes beside other workers or a busy process
+                torch.set_num_threads(args.threads or 1)
+            return _COMMANDS[args.command](args)
     except UsageError as error:
         print(f"hypermeta: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"hypermeta: error: {error}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("hypermeta: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("hypermeta: interrupted", file=sys.stderr)
         return 130
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line; others as Python shows them."""
+    if issubclass(category, _storage.MissingArtifactsWarning):
+        print(f"hypermeta: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def _run(args) -> int:
+    with signals_end_trials():
+        return _run_study(args)
+
+
+def _run_study(args) -> int:
     if args.warm_storage and not args.warm_start:
         raise UsageError("--warm-storage needs --warm-start STUDY; see `hypermeta run --help`")
     study = load_study_file(args.study_file)
@@ -189,7 +217,7 @@ def _best(args) -> int:
         raise UsageError(f"study {args.name!r} has {len(study.directions)} objectives; use `hypermeta trials` for it")
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
-        raise UsageError(f"study {args.name!r} has no completed trial yet; run it first")
+        raise UsageError(f"study {args.name!r} has no completed trial yet; {_results.why_none_completed(study)}")
     best = study.best_trial
     row = _results.trials_table(study).set_index("trial").loc[best.number].dropna()
     print(f"best trial of {args.name!r}: {best.number}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 import pandas as pd
 from optuna.artifacts import get_all_artifact_meta
@@ -80,15 +82,46 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row.update({f"param {k}": v for k, v in trial.params.items()})
         row.update({f"final {k}": v for k, v in trial.user_attrs.get("hyperparameters", {}).items()})
         row.update({k: v for k, v in trial.user_attrs.items() if k.startswith("test_")})
-        if "stop_reason" in trial.user_attrs:
-            row["note"] = trial.user_attrs["stop_reason"]
-        elif "fail_reason" in trial.system_attrs:
-            row["note"] = trial.system_attrs["fail_reason"].splitlines()[0]
+        reason = trial_reason(trial)
+        if reason:
+            row["note"] = reason
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trial_reason(trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why a trial failed or stopped early (the ``fail_reason`` or ``stop_reason`` user attribute)."""
+    reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason")
+    if reason is None and trial.state == optuna.trial.TrialState.FAIL:
+        return "no reason stored"
+    return reason
+
+
+def why_none_completed(study: optuna.Study) -> str:
+    """What to tell a user who asks for results of a study without a completed trial."""
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    if not failed or len(failed) < len(study.get_trials(deepcopy=False)):
+        return "run it first (hypermeta run STUDY_FILE)"
+    return (f"all {len(failed)} of its trials failed, the last with: {trial_reason(failed[-1])};"
+            " fix the study file, then run it again")
 
 
 def _load(study_name, storage, artifacts, file_name, columns) -> pd.DataFrame:
     study = open_study(study_name, storage)
     store = _storage.artifact_store(storage, artifacts, create=False)
-    return concat_by_trial(trial_artifacts(study, store, file_name), columns)
+    notes: list[str] = []
+    frames = trial_artifacts(study, store, file_name, notes=notes)
+    warn_missing(notes, study_name, _storage.artifact_directory(storage, artifacts))
+    return concat_by_trial(frames, columns)
+
+
+def warn_missing(notes: list[str], study_name: str, directory) -> None:
+    """One warning naming how many trials' files :func:`trial_artifacts` did not find."""
+    trials = sorted({note.split(":")[0] for note in notes}, key=lambda t: int(t.split()[-1]))
+    if trials:
+        shown = ", ".join(trials[:5]) + (", ..." if len(trials) > 5 else "")
+        warnings.warn(
+            f"{len(trials)} trials of study {study_name!r} have files missing from the artifact store {directory}"
+            f" ({shown}); they are left out",
+            _storage.MissingArtifactsWarning, stacklevel=3,
+        )

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import runpy
+import signal
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
-from hypermeta._errors import UsageError
+from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._records import EVALUATIONS_FILE, LAYERS, TRAJECTORY_FILE, describe_layers
 from hypermeta._study import Setup, Study, resolve
 
@@ -58,7 +60,7 @@ def load_study_file(path: str | Path) -> Study:
     except SyntaxError as error:
         raise UsageError(f"study file {path} line {error.lineno}: syntax error ({error.msg}); fix it") from None
     except Exception as error:
-        raise UsageError(f"study file {path} failed to load: {_describe(error)}; fix it") from None
+        raise UsageError(f"study file {path} failed to load: {_storage.describe(error)}; fix it") from None
     studies = list({id(value): value for value in namespace.values() if isinstance(value, Study)}.values())
     if len(studies) != 1:
         found = "defines no hypermeta.Study" if not studies else f"defines {len(studies)} studies"
@@ -67,43 +69,123 @@ def load_study_file(path: str | Path) -> Study:
 
 
 def run_study(study: Study, options: RunOptions) -> optuna.Study:
-    """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials."""
+    """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials.
+
+    Every input is checked before anything is written. Raises :class:`~hypermeta._errors.RunError`
+    when none of the trials this run started finished, when the artifact store cannot be written,
+    and when the storage stays unreachable; each failed trial stores its reason as user attribute
+    ``fail_reason`` and prints it on stderr.
+    """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_device(options.device)
     if options.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
     _check_build(study)
     warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
-    _storage.artifact_directory(options.storage, options.artifacts)  # a bad --artifacts fails before any write
-    storage = _storage.open_storage(options.storage, create=True, heartbeat=True)
-    existing = _existing_trials(storage, study)
-    # A continued study must not replay the first run's random draws: offset the seed by its trials.
-    sampler = SAMPLERS[options.sampler]((options.seed + existing) % 2**32)
+    _storage.check_url(options.storage or _storage.default_url(), create=True)
+    directory = _storage.artifact_directory(options.storage, options.artifacts)
+    store, created = _storage.new_artifact_store(options.storage, options.artifacts)
+    try:
+        storage = _storage.open_storage(options.storage, create=True, heartbeat=True)
+        _check_direction(storage, study)
+    except BaseException:
+        _storage.remove_directories(created)
+        raise
     stored = optuna.create_study(
-        storage=storage, study_name=study.name, direction=study.direction, sampler=sampler,
-        pruner=study.make_pruner(), load_if_exists=True,
+        storage=storage, study_name=study.name, direction=study.direction,
+        sampler=TrialSeededSampler(options.sampler, seed=options.seed), pruner=study.make_pruner(),
+        load_if_exists=True,
     )
     stored.set_user_attr("metric", study.metric)  # for reports, which never read the study file
     if warm is not None:
         stored.set_user_attr("warm_start", warm)
-    store = _storage.artifact_store(options.storage, options.artifacts, create=True)
+    if created:
+        _warn_if_artifacts_lost(stored, directory)
     target = options.n_trials or study.n_trials
-    remaining = target - _count_finished(stored)
-    if remaining <= 0:
+    if target - _count_finished(stored) <= 0:
         return stored
-    progress = _Progress(remaining, quiet=options.quiet)
+    progress = _Progress(target - _count_finished(stored), quiet=options.quiet)
     objective = TrialRunner(
         study, seed=options.seed, device=options.device, store=store, progress=progress,
         start=warm["values"] if warm else None, target=target,
     )
     with progress:
-        # Stop once the target is finished or being run by other workers (a worker that dies leaves its
-        # trial to the next `run`, which re-runs it).
-        stored.optimize(
-            objective, n_trials=remaining, timeout=options.timeout, catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(target, states=TAKEN), progress.end_trial],
-        )
+        _optimize(stored, objective, target=target, timeout=options.timeout)
+    objective.raise_if_nothing_finished()
     return stored
+
+
+def _optimize(stored: optuna.Study, objective: TrialRunner, *, target: int, timeout: float | None) -> None:
+    """``stored.optimize`` until ``target`` trials are finished or taken, going on past a trial lost to others."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (remaining := target - _count_finished(stored)) > 0:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        try:
+            # Stop once the target is finished or being run by other workers (a worker that dies leaves its
+            # trial to the next `run`, which re-runs it).
+            stored.optimize(
+                objective, n_trials=remaining, timeout=left, catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(target, states=TAKEN), objective.progress.end_trial],
+            )
+            return
+        except UnboundLocalError as error:
+            # Optuna 5's _run_trial hides a storage error of its final tell behind an UnboundLocalError
+            cause = error.__context__
+            if isinstance(cause, RunError):
+                raise cause from None
+            raise
+        except TrialTakenOver as taken:
+            objective.progress.note(
+                f"hypermeta: trial {taken.number} was failed by another worker while this one was paused or cut off"
+                f" (no heartbeat for {_storage.GRACE_PERIOD_S} s); its result is dropped, going on"
+            )
+
+
+def _warn_if_artifacts_lost(stored: optuna.Study, directory: Path) -> None:
+    """A missing artifact store that the study's trials wrote to was deleted or moved: say so."""
+    lost = sum(_storage.lacks_artifact_files(t, directory) for t in stored.get_trials(deepcopy=False))
+    if lost:
+        warnings.warn(
+            f"artifact store {directory} did not exist, but {lost} trials of study {stored.study_name!r} stored"
+            " files there: created it anew, their trajectories are missing (restore the directory, or pass"
+            " --artifacts DIR where it is now)",
+            _storage.MissingArtifactsWarning, stacklevel=2,
+        )
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """One of :data:`SAMPLERS`, seeded for each trial from ``seed`` and the trial's number.
+
+    Trial numbers are unique in a study, so workers started at the same moment draw different
+    trials, while one worker on an empty storage draws the same trials for the same seed. The
+    model-based samplers rebuild their model from the stored trials on every trial anyway.
+    """
+
+    def __init__(self, name: str, *, seed: int) -> None:
+        self.name, self.seed = name, seed
+        self.sampler = SAMPLERS[name](seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        entropy = np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0]
+        self.sampler = SAMPLERS[self.name](int(entropy))
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
 
 
 def warm_start(study_name: str, storage: str | None) -> dict:
@@ -124,8 +206,8 @@ def check_device(device: str) -> None:
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
-def _existing_trials(storage: optuna.storages.BaseStorage, study: Study) -> int:
-    """Trials (any state) of the stored study of that name, which must optimize the same one direction."""
+def _check_direction(storage: optuna.storages.BaseStorage, study: Study) -> None:
+    """A stored study of that name must optimize the same one direction."""
     for summary in storage.get_all_studies():
         if summary.study_name != study.name:
             continue
@@ -135,9 +217,6 @@ def _existing_trials(storage: optuna.storages.BaseStorage, study: Study) -> int:
                 f"study {study.name!r} is stored with direction {'/'.join(directions)}, but the study"
                 f" file's metric {study.metric!r} is to {study.direction}; rename the study"
             )
-        study_id = storage.get_study_id_from_name(study.name)
-        return len(storage.get_all_trials(study_id, deepcopy=False))
-    return 0
 
 
 def _count_finished(study: optuna.Study) -> int:
@@ -159,13 +238,26 @@ class SurplusTrial(Exception):
     """A trial beyond the study's target, created by a worker that started with others."""
 
 
+class TrialTakenOver(BaseException):
+    """This worker's trial was failed by another worker (its heartbeat had stopped: paused, cut off).
+
+    A BaseException, so that Optuna does not try to tell the finished trial again ("Cannot tell a
+    FAIL trial"); the run catches it and goes on with the next trial.
+    """
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
 def _check_build(study: Study) -> None:
     """Build one throw-away trial in memory, so a broken build function writes nothing anywhere."""
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     try:
         setup = study.build(trial)
     except Exception as error:
-        raise UsageError(f"the build function of study {study.name!r} raised {_describe(error)}; fix it") from None
+        problem = _storage.describe(error)
+        raise UsageError(f"the build function of study {study.name!r} raised {problem}; fix it") from None
     if not isinstance(setup, Setup | EpisodicSetup):
         raise UsageError(
             f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
@@ -192,13 +284,48 @@ class TrialRunner:
         self.study, self.seed, self.device, self.online, self.store = study, seed, device, online, store
         self.progress = progress or _Progress(0, quiet=True)
         self.start, self.target = start, target
+        self.finished, self.failures, self.fatal = 0, [], None
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
-            return self._run(trial)
-        except KeyboardInterrupt:  # Optuna marks the trial FAIL and re-raises: the reason goes with it
-            trial.set_user_attr("stop_reason", "interrupted (Ctrl-C)")
+            value = self._run(trial)
+        except (optuna.TrialPruned, SurplusTrial):
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialTakenOver(trial.number) from None
+        except KeyboardInterrupt as interrupt:  # Optuna marks the trial FAIL and re-raises: the reason goes with it
+            reason = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+            self._note_failure(trial, reason, attrs=("stop_reason", "fail_reason"), show=False)
+            raise
+        except _ArtifactsUnwritable as error:
+            self._note_failure(trial, str(error), show=False)
+            self.fatal = RunError(f"trial {trial.number} trained but {error}; the run is stopped")
+            trial.study.stop()
+            raise
+        except Exception as error:
+            self._note_failure(trial, _storage.describe(error))
+            raise
+        self.finished += 1
+        return value
+
+    def _note_failure(self, trial: optuna.Trial, reason: str, *, attrs=("fail_reason",), show: bool = True) -> None:
+        self.failures.append((trial.number, reason))
+        with contextlib.suppress(Exception):  # the storage may be what failed; the reason still goes to stderr
+            for key in attrs:
+                trial.set_user_attr(key, reason)
+        if show:
+            self.progress.note(f"hypermeta: trial {trial.number} failed: {reason}")
+
+    def raise_if_nothing_finished(self) -> None:
+        """After the run: the fatal error that stopped it, or an error if none of its trials finished."""
+        if self.fatal is not None:
+            raise self.fatal
+        if self.failures and not self.finished:
+            number, reason = self.failures[-1]
+            raise RunError(
+                f"none of the {len(self.failures)} trials this run started finished (trial {number}: {reason});"
+                f" see `hypermeta trials {self.study.name}`"
+            )
 
     def _run(self, trial: optuna.Trial) -> float:
         if self.target is not None and _taken_before(trial) >= self.target:
@@ -221,6 +348,7 @@ class TrialRunner:
         trial.set_user_attr("seconds", time.perf_counter() - started)
         self._store(trial, result)
         if result.status != "completed":
+            self.finished += 1
             reason = f"pruned at step {result.steps}" if result.status == "stopped" else result.reason
             trial.set_user_attr("stop_reason", reason)
             raise optuna.TrialPruned(reason)
@@ -243,7 +371,51 @@ class TrialRunner:
             for name, frame in ((TRAJECTORY_FILE, result.trajectory), (EVALUATIONS_FILE, result.evaluations)):
                 path = Path(directory) / name
                 frame.to_csv(path, index=False)
-                upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+                try:
+                    _storage.upload(self.store, trial, path)
+                except OSError as error:
+                    raise _ArtifactsUnwritable(
+                        f"could not write {name} to artifact store {self.store._base_path}: {error.strerror or error}"
+                    ) from None
+
+
+class _ArtifactsUnwritable(Exception):
+    """The artifact store refused a file: every later trial would train for nothing."""
+
+
+_PENDING: list[KeyboardInterrupt] = []
+
+
+@contextlib.contextmanager
+def signals_end_trials():
+    """SIGINT and SIGTERM end the current trial (FAIL, with its reason), not leave it RUNNING.
+
+    The handler raises where the signal lands, and the inner-step callback raises it again: Python
+    drops an exception raised in a garbage-collector callback (printing "Exception ignored in"),
+    and a signal can land in one; such a dropped interrupt is not printed.
+    """
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = hook
+        _PENDING.clear()
+
+
+def _interrupt(signum: int, frame) -> None:
+    _PENDING.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+    raise _PENDING[-1]
+
+
+def _unraisable(hook):
+    def quiet(unraisable) -> None:
+        if not (_PENDING and unraisable.exc_value is _PENDING[-1]):
+            hook(unraisable)
+
+    return quiet
 
 
 class _Progress:
@@ -254,10 +426,16 @@ class _Progress:
         self.trials = tqdm(total=n_trials, desc="trials", unit="trial", disable=quiet, position=0)
         self.inner = tqdm(total=0, desc="steps", unit="step", disable=quiet, position=1, leave=False)
 
+    def note(self, line: str) -> None:
+        """One line on stderr that does not break the bars."""
+        tqdm.write(line, file=sys.stderr)
+
     def start_trial(self, steps: int) -> None:
         self.inner.reset(total=steps)
 
     def steps(self, n: int) -> None:
+        if _PENDING:
+            raise _PENDING[-1]
         self.inner.update(n)
 
     def end_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -274,6 +452,3 @@ class _Progress:
         self.trials.close()
 
 
-def _describe(error: BaseException) -> str:
-    message = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__

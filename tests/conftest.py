@@ -79,21 +79,29 @@ class PostgresServer:
     def __enter__(self) -> "PostgresServer":
         if self.as_user:
             shutil.chown(self.directory, "postgres")
-        data, log = self.directory / "data", self.directory / "server.log"
-        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        self.options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
         try:
-            self._run("initdb", "-D", str(data), "-A", "trust", "-U", self.USER)
-            self._run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+            self._run("initdb", "-D", str(self.directory / "data"), "-A", "trust", "-U", self.USER)
+            self.start()
         except subprocess.CalledProcessError:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._run("pg_ctl", "-D", str(self.directory / "data"), "-m", "immediate", "stop")
+        self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def new_database(self, hint: str) -> str:
+    def stop(self) -> None:
+        """Stop the server at once, dropping every connection (as a crash or a restart does)."""
+        self._run("pg_ctl", "-D", str(self.directory / "data"), "-m", "immediate", "stop")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.directory / "data"), "-l", str(self.directory / "server.log"),
+                  "-o", self.options, "-w", "start")
+
+    def new_database(self, hint: str, *, driver: str = "+psycopg2") -> str:
+        """A new empty database; its URL names ``driver`` ("" for ``postgresql://``, psycopg 3)."""
         import psycopg2
 
         self.count += 1
@@ -103,7 +111,7 @@ class PostgresServer:
         with connection.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
         connection.close()
-        return f"postgresql+psycopg2://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}"
+        return f"postgresql{driver}://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}"
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run([*self.as_user, str(self.binaries / program), *args], check=True, capture_output=True)

@@ -5,6 +5,7 @@ import hashlib
 import io
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 import hypermeta
 from hypermeta._cli import main
+from hypermeta._storage import MissingArtifactsWarning
 
 STEPS = 40
 
@@ -405,3 +408,81 @@ def test_console_script_reports_one_line_and_status_2(tmp_path):
     assert process.stdout == "" and "Traceback" not in process.stderr
     assert process.stderr.count("\n") == 1 and process.stderr.startswith("hypermeta: error: study file missing.py")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- failures say why, where the user looks ------------------------------------------------------------
+
+FAILING = """
+import itertools
+import torch
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+CALLS = itertools.count()
+
+
+def build(trial):
+    trial.suggest_float("x", 0, 1)
+    if next(CALLS) > 0:  # the first call is the check before the run: the trials themselves fail
+        raise ValueError("targets must be class indices\\nmore detail")
+    return hypermeta.Setup(model=torch.nn.Linear(64, 10), data=DATA, steps=5, batch_size=8,
+                           learning_rate=hypermeta.LearningRate(init=0.1))
+
+
+study = hypermeta.Study(name="broken", build=build, n_trials=2)
+"""
+
+
+def test_a_run_whose_trials_all_fail_says_why_everywhere_and_exits_1(tmp_path):
+    (tmp_path / "broken.py").write_text(FAILING)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = cli("run", tmp_path / "broken.py", "--quiet", "--storage", url)
+    reason = "ValueError: targets must be class indices"
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"hypermeta: trial 0 failed: {reason}",
+        f"hypermeta: trial 1 failed: {reason}",
+        f"hypermeta: error: none of the 2 trials this run started finished (trial 1: {reason});"
+        " see `hypermeta trials broken`",
+    ]
+    code, out, _ = cli("trials", "broken", "--storage", url)
+    assert code == 0 and out.count(reason) == 2 and "note" in out
+    assert_usage_error(cli("best", "broken", "--storage", url), "all 2 of its trials failed", reason)
+    assert_usage_error(cli("report", "broken", "--storage", url, "--out", tmp_path / "r"), "all 2", reason)
+    assert optuna.load_study(study_name="broken", storage=url).trials[0].user_attrs["fail_reason"] == reason
+
+
+def test_a_deleted_artifact_store_is_reported_by_run_and_readers(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text(steps=20))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--quiet", "--storage", url)[0] == 0
+    shutil.rmtree(tmp_path / "artifacts")
+    code, _, err = cli("run", tmp_path / "tiny.py", "--n-trials", 2, "--quiet", "--storage", url)
+    assert code == 0
+    assert err.splitlines() == [
+        f"hypermeta: warning: artifact store {tmp_path / 'artifacts'} did not exist, but 1 trials of study 'tiny'"
+        " stored files there: created it anew, their trajectories are missing (restore the directory, or pass"
+        " --artifacts DIR where it is now)"
+    ]
+    with pytest.warns(MissingArtifactsWarning, match=r"^1 trials of study 'tiny' have files missing .*\(trial 0\)"):
+        trajectories = hypermeta.load_trajectories(study_name="tiny", storage=url)
+    assert set(trajectories["trial"]) == {1}
+    code, _, err = cli("report", "tiny", "--storage", url, "--out", tmp_path / "r")
+    assert code == 0 and err.startswith("hypermeta: warning: 1 trials of study 'tiny' have files missing")
+
+
+def test_threads_default_to_one(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text(steps=10))
+    torch.set_num_threads(2)
+    try:
+        url = f"sqlite:///{tmp_path / 'x.db'}"
+        assert cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--quiet", "--storage", url)[0] == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_unwritable_artifacts_write_nothing_to_postgresql(bad_files, postgres_url, tmp_path):
+    result = cli("run", bad_files / "good.py", "--storage", postgres_url, "--artifacts", "/proc/x", "--quiet")
+    assert_usage_error(result, "cannot write to artifact store /proc/x", "--artifacts DIR")
+    assert sqlalchemy.inspect(sqlalchemy.create_engine(postgres_url)).get_table_names() == []

@@ -1,6 +1,9 @@
 """The Optuna runner: study files, one real (tiny) training per trial, real SQLite storages."""
 
 import math
+import shutil
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -9,7 +12,9 @@ import torch
 from optuna.trial import TrialState
 
 import hypermeta
-from hypermeta._errors import UsageError
+from hypermeta import _storage
+from hypermeta._errors import RunError, UsageError
+from hypermeta._results import why_none_completed
 from hypermeta._runner import SAMPLERS, RunOptions, load_study_file, run_study
 
 STEPS = 20
@@ -212,8 +217,145 @@ def test_unknown_sampler_is_a_usage_error(tmp_path, digits):
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_workers_started_together_draw_distinct_trials_with_every_sampler(tmp_path, digits, sampler):
+    """Three workers (threads here; test_workers has processes) start on a new study at the same moment."""
+    study = hypermeta.Study(name="together", build=_builder(digits, steps=10), n_trials=6)
+    start = threading.Barrier(3)
+
+    def worker():
+        start.wait()
+        run_study(study, _options(tmp_path, sampler=sampler))
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    trials = optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path / 'runs.db'}").trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
+    drawn = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    assert len(drawn) >= 6 and len(set(drawn)) == len(drawn), drawn
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_runs_a_study(tmp_path, digits, sampler):
     study = hypermeta.Study(name="s", build=_builder(digits), n_trials=3)
     stored = run_study(study, _options(tmp_path, sampler=sampler))
     assert [t.state.name for t in stored.trials].count("COMPLETE") >= 1
     assert len({t.params["lr"] for t in stored.trials}) == 3
+
+
+# --- failures say why ----------------------------------------------------------------------------
+
+
+def _failing_after_check(data, *, fails):
+    """A build that raises for trials numbered in ``fails`` (its first call is run_study's check)."""
+    inner = _builder(data)
+    calls = iter(range(10**6))
+
+    def build(trial):
+        if next(calls) > 0 and trial.number in fails:
+            raise RuntimeError(f"trial {trial.number} has no data\nsecond line")
+        return inner(trial)
+
+    return build
+
+
+def test_a_failing_trial_stores_its_reason_prints_it_and_the_study_goes_on(tmp_path, digits, capsys):
+    study = hypermeta.Study(name="f", build=_failing_after_check(digits, fails={1}), n_trials=3)
+    trials = run_study(study, _options(tmp_path)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs == {"fail_reason": "RuntimeError: trial 1 has no data"}
+    assert "fail_reason" not in trials[0].user_attrs
+    assert capsys.readouterr().err.splitlines() == ["hypermeta: trial 1 failed: RuntimeError: trial 1 has no data"]
+    assert list(hypermeta._results.trials_table(run_study(study, _options(tmp_path, n_trials=1)))["note"].fillna(
+        "")) == ["", "RuntimeError: trial 1 has no data", ""]
+
+
+def test_a_run_whose_trials_all_fail_is_an_error_naming_the_reason(tmp_path, digits):
+    study = hypermeta.Study(name="f", build=_failing_after_check(digits, fails={0, 1}), n_trials=2)
+    with pytest.raises(RunError, match=r"none of the 2 trials this run started finished \(trial 1: RuntimeError: "
+                                       r"trial 1 has no data\); see `hypermeta trials f`"):
+        run_study(study, _options(tmp_path))
+    stored = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'runs.db'}")
+    assert [t.user_attrs["fail_reason"] for t in stored.trials] == [
+        f"RuntimeError: trial {n} has no data" for n in (0, 1)
+    ]
+    assert "all 2 of its trials failed, the last with: RuntimeError: trial 1" in why_none_completed(stored)
+
+
+def test_an_artifact_store_that_fails_stops_the_run_at_once_and_leaves_no_record(tmp_path, digits):
+    """The store's directory vanishes (a real deletion) while trial 1 trains: it cannot write its files."""
+    artifacts = tmp_path / "artifacts"
+    inner = _builder(digits)
+
+    def build(trial):
+        if trial.number == 1:
+            shutil.rmtree(artifacts, ignore_errors=True)
+        return inner(trial)
+
+    study = hypermeta.Study(name="a", build=build, n_trials=4)
+    with pytest.raises(RunError, match=r"trial 1 trained but could not write trajectory.csv to artifact store"
+                                       r" .*artifacts: No such file or directory; the run is stopped"):
+        run_study(study, _options(tmp_path, artifacts=str(artifacts)))
+    trials = optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path / 'runs.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]  # no trial trained after it
+    assert trials[1].user_attrs["fail_reason"].startswith("could not write trajectory.csv")
+    assert not _storage.has_artifacts(trials[1]) and _storage.has_artifacts(trials[0])
+    assert not artifacts.exists()
+
+
+@pytest.mark.parametrize("artifacts", ["/proc/hypermeta-test", "/proc"])
+def test_an_unwritable_artifact_store_is_refused_before_anything_is_written(tmp_path, digits, artifacts):
+    """/proc takes no new files even for root (a chmod'ed directory would not stop root)."""
+    study = hypermeta.Study(name="u", build=_builder(digits), n_trials=1)
+    with pytest.raises(UsageError, match=f"cannot write to artifact store {artifacts}: No such file"):
+        run_study(study, _options(tmp_path, artifacts=artifacts))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trial_left_running_without_any_heartbeat_is_failed_and_run_again(tmp_path, digits):
+    """A worker killed between creating its trial and its first heartbeat, made with the storage API."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    study = hypermeta.Study(name="stuck", build=_builder(digits), n_trials=2)
+    run_study(study, _options(tmp_path, n_trials=1))
+    lost = _add_running_trial(url, "stuck", seconds_ago=_storage.GRACE_PERIOD_S + 5)
+    trials = run_study(study, _options(tmp_path)).get_trials()
+    assert trials[lost.number].state == TrialState.FAIL
+    assert trials[lost.number].user_attrs["fail_reason"] == "worker lost before its first heartbeat"
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == lost.params and "fail_reason" not in retry.user_attrs
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2 and len(trials) == 3
+
+
+def _add_running_trial(url: str, name: str, *, seconds_ago: float) -> optuna.trial.FrozenTrial:
+    stored = optuna.load_study(study_name=name, storage=url)
+    trial = optuna.trial.create_trial(
+        state=TrialState.RUNNING, params={"width": 8, "lr": 0.1},
+        distributions={"width": optuna.distributions.IntDistribution(8, 32, log=True),
+                       "lr": optuna.distributions.FloatDistribution(0.02, 0.5, log=True)},
+    )
+    trial.datetime_start = datetime.now() - timedelta(seconds=seconds_ago)
+    stored.add_trial(trial)
+    return stored.trials[-1]
+
+
+def test_a_storage_gone_for_longer_than_the_limit_ends_the_run_with_one_error(postgres_server, postgres_url, digits,
+                                                                              tmp_path, monkeypatch):
+    """The real server stops while trial 1 trains and stays down past the (shortened) limit."""
+    monkeypatch.setattr(_storage, "OUTAGE_S", 2)
+    inner = _builder(digits)
+
+    def build(trial):
+        if trial.number == 1:
+            postgres_server.stop()
+        return inner(trial)
+
+    study = hypermeta.Study(name="outage", build=build, n_trials=3)
+    try:
+        with pytest.raises(RunError, match=r"^storage postgresql\+psycopg2://hypermeta:\*\*\*@.* unreachable for"):
+            run_study(study, RunOptions(storage=postgres_url, artifacts=str(tmp_path / "a"), quiet=True))
+    finally:
+        postgres_server.start()
+    trials = optuna.load_study(study_name="outage", storage=postgres_url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]  # its heartbeat has stopped

@@ -1,13 +1,17 @@
 """Storage URLs and the artifact store, on real SQLite files in tmp_path."""
 
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
+from conftest import PostgresServer
+from optuna.trial import TrialState
 
 from hypermeta import _storage
-from hypermeta._errors import UsageError
+from hypermeta._errors import RunError, UsageError
 
 
 def _files(root: Path) -> list[str]:
@@ -89,10 +93,115 @@ def test_a_file_that_is_not_a_database_is_left_alone(tmp_path):
         ("postgresql://user@host:5432/db", "postgresql://user@host:5432/db"),
         ("postgresql://host:5432/db?x=a@b", "postgresql://host:5432/db?x=a@b"),
         ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
+        ("postgresql://user:pa/ss@host/db", "postgresql://user:***@host/db"),
+        ("postgresql://user:a/b@c:d@host:5432/db", "postgresql://user:***@host:5432/db"),
+        ("postgresql://user@host/db?password=SECRET", "postgresql://user@host/db?password=***"),
+        ("postgresql://host/db?sslmode=require&password=SECRET&x=1", "postgresql://host/db?sslmode=require&password=***&x=1"),
+        ("postgresql://user:pa%2Fss@host/db", "postgresql://user:***@host/db"),
     ],
 )
 def test_redact(url, expected):
     assert _storage.redact(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:SECRET@127.0.0.1:1/db",
+        "postgresql+psycopg2://user:SEC/RET@127.0.0.1:1/db",
+        "postgresql://user:SE@CR@T@127.0.0.1:1/db",
+        "postgresql://user@127.0.0.1:1/db?password=SECRET",
+        "postgresql+psycopg2://user@127.0.0.1:1/db?password=SECRET",
+        "postgresql://user:SE%2FCRET@127.0.0.1:1/db",
+        "postgresql://user:SE[CRET@127.0.0.1:1/db",
+        "user:SECRET@127.0.0.1/db",
+        "postgresql+pg8000://user:SECRET@127.0.0.1:1/db",
+    ],
+)
+def test_no_password_in_any_error(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    for create in (True, False):
+        with pytest.raises(UsageError) as error:
+            _storage.open_storage(url, create=create)
+        message = str(error.value)
+        assert "SECRET" not in message and "SE/CRET" not in message and "CR@T" not in message, message
+        assert "SE%2FCRET" not in message and "SE[CRET" not in message, message
+        assert len(message.splitlines()) == 1
+    assert _files(tmp_path) == []
+
+
+def test_a_missing_driver_names_what_to_install(tmp_path):
+    missing = r"no database driver \(ModuleNotFoundError: No module named 'pg8000'\); install the database"
+    with pytest.raises(UsageError, match=missing):
+        _storage.open_storage("postgresql+pg8000://user:SECRET@127.0.0.1:1/db", create=True)
+
+
+@pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg2"])
+def test_every_postgresql_url_form_opens_with_the_postgres_extra(postgres_server, request, driver):
+    pytest.importorskip("psycopg2" if driver == "+psycopg2" else "psycopg", reason="pip install -e '.[dev]'")
+    url = postgres_server.new_database(request.node.name, driver=driver)
+    storage = _storage.open_storage(url, create=True)
+    optuna.create_study(storage=storage, study_name="s")
+    assert [s.study_name for s in _storage.open_storage(url, create=False).get_all_studies()] == ["s"]
+
+
+# --- an outage of the storage ----------------------------------------------------------------------
+
+
+def test_a_call_during_a_server_restart_waits_for_the_server(postgres_server, postgres_url):
+    storage = _storage.open_storage(postgres_url, create=True)
+    optuna.create_study(storage=storage, study_name="s")
+    postgres_server.stop()
+    restart = threading.Timer(2, postgres_server.start)
+    restart.start()
+    try:
+        assert [s.study_name for s in storage.get_all_studies()] == ["s"]  # waited, then went on
+    finally:
+        restart.join()
+
+
+def test_an_outage_longer_than_the_limit_is_one_line_naming_the_storage(postgres_server, postgres_url, monkeypatch):
+    storage = _storage.open_storage(postgres_url, create=True)
+    monkeypatch.setattr(_storage, "OUTAGE_S", 1.5)
+    postgres_server.stop()
+    try:
+        with pytest.raises(RunError) as error:
+            storage.get_all_studies()
+    finally:
+        postgres_server.start()
+    message = str(error.value)
+    assert message.startswith(f"storage {_storage.redact(postgres_url)} unreachable for ") and "***@" in message
+    assert PostgresServer.PASSWORD not in message and len(message.splitlines()) == 1
+    assert storage.get_all_studies() == []  # the same storage works again once the server is back
+
+
+# --- trials that never beat ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'x.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # ask() and fail_stale_trials outside optimize, as a test does
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_running_trials_without_heartbeat_are_stale_after_the_grace_period_only(url):
+    storage = _storage.open_storage(url, create=True, heartbeat=True)
+    study = optuna.create_study(storage=storage, study_name="s")
+    distributions = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for seconds_ago in (_storage.GRACE_PERIOD_S + 2, 1):
+        trial = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5}, distributions=distributions)
+        trial.datetime_start = datetime.now() - timedelta(seconds=seconds_ago)
+        study.add_trial(trial)
+    beating = study.ask()
+    storage.record_heartbeat(beating._trial_id)
+    old, recent, _ = study.trials
+    optuna.storages.fail_stale_trials(study)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[0].user_attrs == {"fail_reason": "worker lost before its first heartbeat"}
+    assert trials[3].system_attrs["failed_trial"] == old.number and trials[3].user_attrs == {}
+    assert trials[3].params == old.params
 
 
 def test_artifact_store_that_is_a_file_is_a_usage_error(tmp_path):
@@ -120,7 +229,7 @@ def test_load_study_names_the_known_studies(tmp_path):
 
 
 class _LosesTheRaceTwice:
-    """Optuna's RDBStorage that fails as a worker losing the table-creation race does, then works.
+    """hypermeta's RDBStorage that fails as a worker losing the table-creation race does, then works.
 
     A stand-in for the other worker, which cannot be made to collide on cue; the storage after
     the failures is the real one.
@@ -128,7 +237,7 @@ class _LosesTheRaceTwice:
 
     def __init__(self, error: Exception, failures: int) -> None:
         self.error, self.failures, self.calls = error, failures, 0
-        self.real = optuna.storages.RDBStorage
+        self.real = _storage._PatientRDBStorage
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -143,14 +252,14 @@ def _sql_error(message: str) -> Exception:
 
 def test_opening_a_new_database_retries_when_another_worker_created_its_tables_first(tmp_path, monkeypatch):
     fake = _LosesTheRaceTwice(_sql_error("UNIQUE constraint failed: alembic_version.version_num"), failures=2)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    monkeypatch.setattr(_storage, "_PatientRDBStorage", fake)
     storage = _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
     assert fake.calls == 3 and storage.get_all_studies() == []
 
 
 def test_other_storage_errors_are_not_retried(tmp_path, monkeypatch):
     fake = _LosesTheRaceTwice(_sql_error("disk I/O error"), failures=2)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", fake)
+    monkeypatch.setattr(_storage, "_PatientRDBStorage", fake)
     with pytest.raises(UsageError, match="disk I/O error"):
         _storage.open_storage(f"sqlite:///{tmp_path / 'new.db'}", create=True)
     assert fake.calls == 1

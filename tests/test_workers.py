@@ -68,17 +68,21 @@ def _wait_for_running_trial(url: str, process: subprocess.Popen, timeout: float 
     pytest.fail("no trial started")
 
 
-def test_ctrl_c_fails_the_current_trial_with_a_reason_and_exits_130(tmp_path):
+@pytest.mark.parametrize(
+    ("signal_number", "line", "reason"),
+    [(signal.SIGINT, "interrupted", "interrupted (Ctrl-C)"), (signal.SIGTERM, "terminated", "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_fails_the_current_trial_with_a_reason(tmp_path, signal_number, line, reason):
     study_file, url = _setup(tmp_path, steps=5000)
     process = _start(study_file, url)
     _wait_for_running_trial(url, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines() == ["hypermeta: interrupted"]
-    trials = optuna.load_study(study_name="workers", storage=url).trials
-    assert [t.state.name for t in trials] == ["FAIL"]
-    assert trials[0].user_attrs["stop_reason"] == "interrupted (Ctrl-C)"
+    assert process.returncode == (130 if signal_number == signal.SIGINT else 128 + signal.SIGTERM)
+    assert stderr.strip().splitlines() == [f"hypermeta: {line}"]
+    (trial,) = optuna.load_study(study_name="workers", storage=url).trials
+    assert trial.state == TrialState.FAIL  # not left RUNNING until the grace period
+    assert trial.user_attrs["fail_reason"] == trial.user_attrs["stop_reason"] == reason
 
 
 def test_a_killed_worker_s_trial_is_failed_after_the_grace_period_and_run_again(tmp_path):
@@ -125,9 +129,12 @@ def _finished_with_files(url: str) -> dict[int, tuple]:
     return results
 
 
-def _run_workers(study_file: Path, url: str, artifacts: Path, *, workers: int, n_trials: int) -> list[tuple]:
+def _run_workers(
+    study_file: Path, url: str, artifacts: Path, *, workers: int, n_trials: int, extra: tuple = ()
+) -> list[tuple]:
     processes = [
-        _start(study_file, url, "--artifacts", str(artifacts), "--n-trials", str(n_trials)) for _ in range(workers)
+        _start(study_file, url, "--artifacts", str(artifacts), "--n-trials", str(n_trials), *extra)
+        for _ in range(workers)
     ]
     outputs = [process.communicate(timeout=300) for process in processes]
     return [(process.returncode, *output) for process, output in zip(processes, outputs, strict=True)]
@@ -139,6 +146,8 @@ def _check_exactly_finished(url: str, artifacts: Path, n_trials: int) -> None:
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == n_trials
     assert len({t.number for t in study.trials}) == len(study.trials)
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials if t.params and "failed_trial" not in t.system_attrs]
+    assert len(set(drawn)) == len(drawn), "workers drew the same trial"  # only a re-run repeats one
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     others = [t for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert all(t.user_attrs["stop_reason"].startswith("not run:") for t in others)  # surplus, nothing trained
@@ -167,3 +176,40 @@ def test_three_workers_start_together_on_a_new_sqlite_file(tmp_path):
         assert returncode == 0, stderr
         assert "locked" not in stderr
     _check_exactly_finished(url, tmp_path / "artifacts", 9)
+
+
+PAUSED = STUDY.replace("steps=STEPS,", "steps=5000 if trial.number == 0 else 20, eval_every=20,")
+
+
+def test_a_paused_worker_whose_trial_was_failed_meanwhile_goes_on_with_the_next(tmp_path):
+    """SIGSTOP, then the trial is failed as another worker's stale check does (through the storage API)."""
+    study_file, url = _setup(tmp_path, steps=0)
+    study_file.write_text(PAUSED)
+    process = _start(study_file, url, "--n-trials", "1")
+    _wait_for_running_trial(url, process)
+    process.send_signal(signal.SIGSTOP)
+    storage = optuna.storages.RDBStorage(url)
+    (paused,) = optuna.load_study(study_name="workers", storage=storage).trials
+    storage.set_trial_state_values(paused._trial_id, TrialState.FAIL)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Cannot tell" not in stderr
+    assert "trial 0 was failed by another worker while this one was paused" in stderr
+    trials = optuna.load_study(study_name="workers", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_workers_survive_a_postgresql_restart(postgres_server, postgres_url, tmp_path):
+    study_file, _ = _setup(tmp_path, steps=100)
+    processes = [_start(study_file, postgres_url, "--artifacts", str(tmp_path / "artifacts"), "--n-trials", "4")
+                 for _ in range(2)]
+    _wait_for_running_trial(postgres_url, processes[0])
+    postgres_server.stop()
+    time.sleep(3)
+    postgres_server.start()
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        assert "Traceback" not in stderr and PostgresServer.PASSWORD not in stderr
+    _check_exactly_finished(postgres_url, tmp_path / "artifacts", 4)

@@ -88,7 +88,7 @@ def load_report_data(*, study_name: str, storage: str | None = None, artifacts: 
         )
     finished = study.get_trials(deepcopy=False, states=FINISHED)
     if not finished:
-        raise UsageError(f"study {study_name!r} has no finished trial yet; run it first (hypermeta run STUDY_FILE)")
+        raise UsageError(f"study {study_name!r} has no finished trial yet; {_results.why_none_completed(study)}")
     store = _storage.artifact_store(storage, artifacts, create=False)
     notes: list[str] = []
     trajectories = _results.trial_artifacts(study, store, TRAJECTORY_FILE, trials=finished, notes=notes)
@@ -99,6 +99,7 @@ def load_report_data(*, study_name: str, storage: str | None = None, artifacts: 
             " pass --artifacts DIR where the trajectories are"
         )
     evaluations = _results.trial_artifacts(study, store, EVALUATIONS_FILE, trials=finished, notes=notes)
+    _results.warn_missing(notes, study_name, _storage.artifact_directory(storage, artifacts))
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
     return ReportData(
         study_name=study_name,
