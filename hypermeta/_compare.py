@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from hypermeta._errors import UsageError
 from hypermeta._metrics import evaluate
 from hypermeta._private.files import check_target, staged_directory
+from hypermeta._records import FAIL_REASON
 from hypermeta._runner import TrialRunner
 from hypermeta._study import Study, hyperparameter_keys, resolve, spec_of, starting_value
 
@@ -96,7 +97,7 @@ def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> l
 
     search.optimize(runner, catch=(Exception,), callbacks=[on_trial_end])
     if rows and all(row["state"] == "FAIL" for row in rows):
-        reason = search.trials[-1].system_attrs.get("fail_reason", "unknown").splitlines()[0]
+        reason = search.trials[-1].user_attrs.get(FAIL_REASON, "unknown").splitlines()[0]
         raise UsageError(f"every {arm} trial failed ({reason}); fix the study file")
     return rows
 

@@ -121,7 +121,7 @@ def warn_missing(notes: list[str], study_name: str, directory) -> None:
     if trials:
         shown = ", ".join(trials[:5]) + (", ..." if len(trials) > 5 else "")
         warnings.warn(
-            f"{len(trials)} trials of study {study_name!r} have files missing from the artifact store {directory}"
+            f"{len(trials)} trial(s) of study {study_name!r} have files missing from the artifact store {directory}"
             f" ({shown}); they are left out",
             _storage.MissingArtifactsWarning, stacklevel=3,
         )

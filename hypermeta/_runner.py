@@ -148,7 +148,7 @@ def _warn_if_artifacts_lost(stored: optuna.Study, directory: Path) -> None:
     lost = sum(_storage.lacks_artifact_files(t, directory) for t in stored.get_trials(deepcopy=False))
     if lost:
         warnings.warn(
-            f"artifact store {directory} did not exist, but {lost} trials of study {stored.study_name!r} stored"
+            f"artifact store {directory} did not exist, but {lost} trial(s) of study {stored.study_name!r} stored"
             " files there: created it anew, their trajectories are missing (restore the directory, or pass"
             " --artifacts DIR where it is now)",
             _storage.MissingArtifactsWarning, stacklevel=2,

@@ -460,15 +460,15 @@ def test_a_deleted_artifact_store_is_reported_by_run_and_readers(tmp_path):
     code, _, err = cli("run", tmp_path / "tiny.py", "--n-trials", 2, "--quiet", "--storage", url)
     assert code == 0
     assert err.splitlines() == [
-        f"hypermeta: warning: artifact store {tmp_path / 'artifacts'} did not exist, but 1 trials of study 'tiny'"
+        f"hypermeta: warning: artifact store {tmp_path / 'artifacts'} did not exist, but 1 trial(s) of study 'tiny'"
         " stored files there: created it anew, their trajectories are missing (restore the directory, or pass"
         " --artifacts DIR where it is now)"
     ]
-    with pytest.warns(MissingArtifactsWarning, match=r"^1 trials of study 'tiny' have files missing .*\(trial 0\)"):
+    with pytest.warns(MissingArtifactsWarning, match=r"^1 trial\(s\) of study 'tiny' have files missing .*\(trial 0\)"):
         trajectories = hypermeta.load_trajectories(study_name="tiny", storage=url)
     assert set(trajectories["trial"]) == {1}
     code, _, err = cli("report", "tiny", "--storage", url, "--out", tmp_path / "r")
-    assert code == 0 and err.startswith("hypermeta: warning: 1 trials of study 'tiny' have files missing")
+    assert code == 0 and err.startswith("hypermeta: warning: 1 trial(s) of study 'tiny' have files missing")
 
 
 def test_threads_default_to_one(tmp_path):

@@ -240,7 +240,8 @@ def test_a_missing_artifact_file_is_noted_and_the_rest_reported(stored, tmp_path
     study = optuna.load_study(study_name=STUDY, storage=url)
     metas = get_all_artifact_meta(study.trials[0], storage=study._storage)
     (tmp_path / "artifacts" / next(m for m in metas if m.filename == "trajectory.csv").artifact_id).unlink()
-    data = reports.load_report_data(study_name=STUDY, storage=url)
+    with pytest.warns(UserWarning, match=r"1 trial\(s\) of study .* have files missing"):
+        data = reports.load_report_data(study_name=STUDY, storage=url)
     assert data.notes == ["trial 0: trajectory.csv is missing from the artifact store"]
     assert set(data.trajectories["trial"]) == set(range(13)) - {0, 2, 5}
 
