@@ -1,7 +1,7 @@
 """hypermeta: hyperparameter optimization as meta-learning."""
 
 from hypermeta import datasets, tasks
-from hypermeta._data import Dataset, Split
+from hypermeta._data import Dataset, Loaders, Split
 from hypermeta._engine import TRAJECTORY_COLUMNS, Hypergradient, TrainResult, train
 from hypermeta._episodic import EpisodicResult, EpisodicSetup, InnerLearningRate, evaluate_tasks, meta_train
 from hypermeta._hyperparameters import LearningRate, WeightDecay
@@ -28,6 +28,7 @@ __all__ = [
     "Hypergradient",
     "InnerLearningRate",
     "LearningRate",
+    "Loaders",
     "Setup",
     "Split",
     "Study",

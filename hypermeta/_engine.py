@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hypermeta._data import Batches, Dataset
+from hypermeta._data import Batches, Dataset, JoinedBatches, LoaderBatches, Loaders, Split
 from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDecay
-from hypermeta._metrics import evaluate
+from hypermeta._metrics import Metric, evaluate, fit_problem
 from hypermeta._private import diffopt
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
@@ -57,6 +57,8 @@ class Hypergradient:
             the schedule keeps what hypergradients learned instead of jumping back to ``init``.
             ``False`` starts every segment at its starting value. Either way a hyper-step moves
             only the rates of the segment being trained.
+        valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
+            (consecutive batches of ``valid``, epoch after epoch); ``None`` uses all of ``valid``.
 
     Example:
         >>> import hypermeta
@@ -71,6 +73,7 @@ class Hypergradient:
     max_failures: int = 5
     valid_batch_size: int | None = None
     carry_segments: bool = True
+    valid_batches: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
@@ -124,15 +127,16 @@ class _Run:
 def train(
     model: torch.nn.Module,
     *,
-    data: Dataset,
+    data: Dataset | Loaders,
     steps: int,
-    batch_size: int,
+    batch_size: int | None = None,
     learning_rate: LearningRate,
     weight_decay: WeightDecay | None = None,
     optimizer: str = "sgd",
     optimizer_options: dict | None = None,
     hypergradient: Hypergradient | None = None,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    metrics: dict[str, Metric] | None = None,
     initial_values: dict[str, float] | None = None,
     eval_every: int | None = None,
     max_loss_ratio: float = 10.0,
@@ -169,21 +173,29 @@ def train(
         >>> result.status, result.trajectory["step"].unique().tolist()
         ('completed', [5, 10, 15, 20])
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    check_data(data, batch_size)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
     eval_every = eval_every or horizon * max(1, steps // (10 * horizon))
     model = model.to(device)
-    data = data.to(device, next(model.parameters()).dtype)
+    if isinstance(data, Dataset):
+        data = data.to(device, next(model.parameters()).dtype)
     run = build_run(
         model, data=data, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, optimizer=optimizer, optimizer_options=optimizer_options,
         loss_fn=loss_fn, seed=seed,
-        valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or len(data.valid),
+        valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or _size(data.valid),
+        valid_batches=hypergradient and hypergradient.valid_batches,
     )
     run.hyper.load_values(initial_values or {})
+    problem = fit_problem(model, run.train_batches.peek(), loss_fn, "train")
+    if problem:
+        raise ValueError(problem)
     on_steps = on_steps or (lambda n: None)
-    outcome = _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps)
+    outcome = _loop(
+        run, data.valid, metrics, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps
+    )
     return TrainResult(
         model=model,
         optimizer=run.optimizer,
@@ -199,12 +211,12 @@ def train(
 
 def build_run(
     model, *, data, steps, batch_size, learning_rate, optimizer, optimizer_options, weight_decay=None,
-    loss_fn, seed, valid_batch_size,
+    loss_fn, seed, valid_batch_size=None, valid_batches=None,
 ) -> _Run:
-    """Everything a window needs; ``data`` and ``model`` already on one device and dtype.
+    """Everything a window needs; ``model`` (and a ``Dataset``'s tensors) already on one device and dtype.
 
-    Training and validation batches come from separate generators, so the training batches of a
-    run do not depend on whether hypergradients are computed.
+    Training and validation batches come from separate generators (or loaders), so the training
+    batches of a run do not depend on whether hypergradients are computed.
     """
     groups = parameter_groups(model)
     parameter = next(model.parameters())
@@ -215,14 +227,40 @@ def build_run(
     return _Run(
         model=model, hyper=hyper, loss_fn=loss_fn,
         optimizer=_inner_optimizer(optimizer, optimizer_options, groups, learning_rate, weight_decay),
-        train_batches=Batches(
-            data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
-        ),
-        valid_batches=Batches(
-            data.valid, batch_size=valid_batch_size,
+        **_streams(data, batch_size, valid_batch_size, valid_batches, seed, parameter),
+    )
+
+
+def _streams(data, batch_size, valid_batch_size, valid_batches, seed, parameter) -> dict:
+    if isinstance(data, Loaders):
+        device, dtype = parameter.device, parameter.dtype
+        return {
+            "train_batches": LoaderBatches(data.train, device=device, dtype=dtype, where="train"),
+            "valid_batches": JoinedBatches(data.valid, n=valid_batches, device=device, dtype=dtype),
+        }
+    return {
+        "train_batches": Batches(data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)),
+        "valid_batches": Batches(
+            data.valid, batch_size=valid_batch_size or len(data.valid),
             generator=torch.Generator().manual_seed(seed + 1),
         ),
-    )
+    }
+
+
+def check_data(data, batch_size) -> None:
+    """A ``Dataset`` needs a batch size; ``Loaders`` bring their own."""
+    if isinstance(data, Loaders):
+        if batch_size is not None:
+            raise ValueError("with Loaders the loaders decide the batch size: leave batch_size out")
+    elif isinstance(data, Dataset):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"a Dataset needs batch_size, an integer >= 1, got {batch_size!r}")
+    else:
+        raise TypeError(f"data must be a hypermeta.Dataset or hypermeta.Loaders, got {type(data).__name__}")
+
+
+def _size(split) -> int | None:
+    return len(split) if isinstance(split, Split) else None
 
 
 @dataclass
@@ -238,12 +276,12 @@ class _Outcome:
         return self
 
 
-def _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps) -> _Outcome:
+def _loop(run, valid, metrics, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps) -> _Outcome:
     meta = _MetaStep(run.hyper, hypergradient) if hypergradient else None
     horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
     outcome = _Outcome()
     failures = 0
-    loss_limit = max_loss_ratio * evaluate(run.model, data.valid, run.loss_fn)["loss"]
+    loss_limit = max_loss_ratio * evaluate(run.model, valid, run.loss_fn)["loss"]
     while outcome.step < steps:
         step = outcome.step
         n_steps = min(horizon, steps - step, eval_every - step % eval_every)
@@ -267,13 +305,12 @@ def _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evalua
         outcome.step = step = step + n_steps
         on_steps(n_steps)
         if step % eval_every == 0 or step == steps:
-            metrics = {"step": step, "train_loss": float(window.train_loss)}
-            valid = evaluate(run.model, data.valid, run.loss_fn)
-            metrics.update({f"valid_{k}": v for k, v in valid.items()})
-            outcome.evaluations.append(metrics)
-            if not math.isfinite(metrics["valid_loss"]):
+            measured = {"step": step, "train_loss": float(window.train_loss)}
+            measured.update({f"valid_{k}": v for k, v in evaluate(run.model, valid, run.loss_fn, metrics).items()})
+            outcome.evaluations.append(measured)
+            if not math.isfinite(measured["valid_loss"]):
                 return outcome.end("diverged", f"validation loss is not finite at step {step}")
-            if on_evaluation is not None and on_evaluation(step, metrics):
+            if on_evaluation is not None and on_evaluation(step, measured):
                 return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
     return outcome
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import UsageError
-from hypermeta._study import Setup, Study, resolve
+from hypermeta._study import Setup, Study, resolve, setup_problem
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -171,7 +171,7 @@ def _check_build(study: Study) -> None:
         raise UsageError(
             f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
         )
-    problem = setup.metric_problem(study.metric)
+    problem = setup_problem(setup, study.metric)
     if problem:
         raise UsageError(f"study {study.name!r}: {problem}")
 
