@@ -125,7 +125,7 @@ class Loaders:
             loader = getattr(self, name)
             if loader is None and name == "test":
                 continue
-            if not isinstance(loader, Iterable) or iter(loader) is loader:
+            if not isinstance(loader, Iterable) or isinstance(loader, Iterator):  # iter() would draw a seed
                 raise TypeError(
                     f"Loaders.{name} must be re-iterable (a DataLoader, a list of batches), "
                     f"got {type(loader).__name__}"

@@ -287,6 +287,7 @@ def _loop(run, valid, metrics, hypergradient, steps, eval_every, max_loss_ratio,
         n_steps = min(horizon, steps - step, eval_every - step % eval_every)
         if meta:
             n_steps = min(n_steps, _to_next_segment(run.hyper, step))
+        run.model.train()  # evaluation and the user may have left it in eval mode
         window = meta.window(run, step, n_steps) if meta else _plain_window(run, step, n_steps)
         problem = window.problem(loss_limit)
         if problem:

@@ -37,12 +37,12 @@ def evaluate(
     model.eval()
     try:
         output, targets = _outputs(model, split)
+        results = {"loss": float(loss_fn(output, targets))}
+        results.update(classification_metrics(output, targets))
+        for name, metric in (metrics or {}).items():
+            results[name] = float(metric(output, targets))
     finally:
         model.train(was_training)
-    results = {"loss": float(loss_fn(output, targets))}
-    results.update(classification_metrics(output, targets))
-    for name, metric in (metrics or {}).items():
-        results[name] = float(metric(output, targets))
     return results
 
 
@@ -86,16 +86,21 @@ def fit_problem(model: torch.nn.Module, batch, loss_fn: Callable[..., torch.Tens
     statistics included). A loss that warns (``mse_loss`` broadcasting ``(n, 1)`` against ``(n,)``)
     counts as a misfit.
     """
-    x, y = batch
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            output = model(x)
-    except Exception as error:  # noqa: BLE001 -- any failure of the user's model is reported in one line
-        return f"the model failed on a {where} batch of inputs {_shape(x)}: {_first_line(error)}"
+            return _misfit(model, batch, loss_fn, where)
     finally:
         model.train(was_training)
+
+
+def _misfit(model, batch, loss_fn, where: str) -> str | None:
+    x, y = batch
+    try:
+        output = model(x)
+    except Exception as error:  # noqa: BLE001 -- any failure of the user's model is reported in one line
+        return f"the model failed on a {where} batch of inputs {_shape(x)}: {_first_line(error)}"
     fit = f"the model's output {_shape(output)} and the {where} targets {_shape(y)}"
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     try:
