@@ -398,6 +398,86 @@ def train(
     )
 
 
+class _StopLoop(Exception):
+    """Raised from ``report`` in a loop of the user's own to end it (pruned or diverged)."""
+
+
+def train_loop(
+    loop: Callable[[HyperOptimizer, Callable[[dict[str, float]], None]], None],
+    model: torch.nn.Module,
+    *,
+    steps: int,
+    learning_rate: LearningRate,
+    weight_decay: WeightDecay | None = None,
+    optimizer: str = "sgd",
+    optimizer_options: dict | None = None,
+    hypergradient: Hypergradient | None = None,
+    initial_values: dict[str, float] | None = None,
+    max_loss_ratio: float = 10.0,
+    device: str | torch.device = "cpu",
+    on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Run ``loop(hyper, report)``, a training loop of your own, as :func:`train` runs its own.
+
+    ``hyper`` is a :class:`HyperOptimizer` of ``model`` (moved to ``device``) with these settings;
+    ``loop`` calls ``hyper.step`` for each training step (``steps`` in all) and
+    ``report({"valid_loss": ..., ...})`` after each evaluation of its own, at least once at the
+    end. The evaluations are recorded at ``hyper.steps`` with a ``valid_`` prefix added where
+    missing; when ``on_evaluation`` asks to stop (a pruned trial) ``report`` ends the loop by
+    raising, as does ``hyper.step`` when the run diverges.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hypermeta
+        >>> data = hypermeta.datasets.digits()
+        >>> def loop(hyper, report):
+        ...     for i in range(30):
+        ...         x, y = data.train.x[i * 32:(i + 1) * 32], data.train.y[i * 32:(i + 1) * 32]
+        ...         hyper.step(lambda m: F.cross_entropy(m(x), y),
+        ...                    lambda m: F.cross_entropy(m(data.valid.x), data.valid.y))
+        ...     report({"loss": hypermeta.evaluate(hyper.model, data.valid, F.cross_entropy)["loss"]})
+        >>> result = hypermeta._engine.train_loop(
+        ...     loop, torch.nn.Linear(64, 10), steps=30, learning_rate=hypermeta.LearningRate(init=0.1),
+        ...     hypergradient=hypermeta.Hypergradient(horizon=10))
+        >>> result.status, result.evaluations.columns.tolist(), result.trajectory["step"].unique().tolist()
+        ('completed', ['step', 'valid_loss'], [10, 20, 30])
+    """
+    hyper = HyperOptimizer(
+        model.to(device), learning_rate=learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
+        weight_decay=weight_decay, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
+        max_loss_ratio=max_loss_ratio,
+    )
+    outcome, reported = _Outcome(), [0]
+
+    def report(metrics: dict[str, float]) -> None:
+        step = hyper.steps
+        (on_steps or (lambda n: None))(step - reported[0])
+        reported[0] = step
+        measured = {"step": step, **{_valid(k): float(v) for k, v in metrics.items()}}
+        outcome.evaluations.append(measured)
+        if on_evaluation is not None and on_evaluation(step, measured):
+            outcome.end("stopped", f"stopped at step {step} by on_evaluation")
+            raise _StopLoop
+
+    try:
+        loop(hyper, report)
+    except _StopLoop:
+        pass
+    except Diverged as diverged:
+        outcome.end("diverged", str(diverged))
+    if not outcome.evaluations:
+        raise ValueError("the training loop reported no evaluation: call report({'valid_loss': ...}) at its end")
+    return TrainResult(
+        model=hyper.model, optimizer=hyper.optimizer, trajectory=hyper.trajectory,
+        evaluations=pd.DataFrame(outcome.evaluations), hyperparameters=hyper.hyperparameters,
+        status=outcome.status, reason=outcome.reason, steps=hyper.steps, rejected_steps=hyper.rejected_steps,
+    )
+
+
+def _valid(name: str) -> str:
+    return name if name.startswith("valid_") else f"valid_{name}"
+
+
 @dataclass
 class _Outcome:
     evaluations: list[dict] = field(default_factory=list)

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from hypermeta._data import Dataset, Loaders, Split, check_batch, to_run
-from hypermeta._engine import Hypergradient, TrainResult, check_data, parameter_groups, train
+from hypermeta._engine import (
+    Hypergradient,
+    HyperOptimizer,
+    TrainResult,
+    check_data,
+    parameter_groups,
+    train,
+    train_loop,
+)
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 from hypermeta._metrics import Metric, evaluate, fit_problem
@@ -36,6 +44,11 @@ class Setup:
     scalar. ``metrics`` adds ``valid_<name>`` to each evaluation, ``fn(outputs, targets) -> float``
     over the whole validation split, which a :class:`Study` can optimize.
 
+    ``loop(hyper, report)``, a training loop of your own, replaces hypermeta's: ``hyper`` is a
+    :class:`hypermeta.HyperOptimizer` built from these fields; the loop brings its own data
+    (``data`` may be left out), calls ``hyper.step`` ``steps`` times and ``report({"valid_loss":
+    ...})`` after its evaluations. Trajectories and evaluations are stored as for any run.
+
     Example:
         >>> import torch, hypermeta
         >>> setup = hypermeta.Setup(
@@ -46,9 +59,9 @@ class Setup:
     """
 
     model: torch.nn.Module
-    data: Dataset | Loaders
     steps: int
     learning_rate: LearningRate
+    data: Dataset | Loaders | None = None
     batch_size: int | None = None
     weight_decay: WeightDecay | None = None
     optimizer: str = "sgd"
@@ -57,9 +70,17 @@ class Setup:
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy
     metrics: dict[str, Metric] = field(default_factory=dict)
     eval_every: int | None = None
+    loop: Callable[[HyperOptimizer, Callable[[dict[str, float]], None]], None] | None = None
 
     def train(self, **options) -> TrainResult:
-        """:func:`hypermeta.train` on this set-up; ``options`` are its remaining keyword arguments."""
+        """:func:`hypermeta.train` on this set-up (or its ``loop``); ``options`` are its remaining keyword arguments."""
+        if self.loop is not None:
+            options.pop("seed", None)  # the loop draws its own batches; the runner has seeded torch
+            return train_loop(
+                self.loop, self.model, steps=self.steps, learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay, optimizer=self.optimizer, optimizer_options=self.optimizer_options,
+                hypergradient=self.hypergradient, **options,
+            )
         return train(
             self.model, data=self.data, steps=self.steps, batch_size=self.batch_size,
             learning_rate=self.learning_rate, weight_decay=self.weight_decay, optimizer=self.optimizer,
@@ -69,13 +90,16 @@ class Setup:
 
     def test_metrics(self, result: TrainResult, *, device, seed: int) -> dict[str, float]:
         """Loss (accuracy, F1, the user's metrics) of the trained model on the test split, if any."""
-        if self.data.test is None:
+        if self.data is None or self.data.test is None:
             return {}
         return evaluate(result.model, self.data.test, self.loss_fn, self.metrics)
 
     def data_problem(self, metric: str = "valid_loss") -> str | None:
         """Why the first train and validation batches do not fit the model and loss, or why
-        ``metric`` is not measured; ``None`` when all is well. Nothing of the model changes."""
+        ``metric`` is not measured; ``None`` when all is well. Nothing of the model changes.
+        A loop of the user's own is not run here: what it reports is its own."""
+        if self.loop is not None:
+            return None
         batches = {}
         for where in ("train", "valid"):
             data = getattr(self.data, where)
@@ -102,6 +126,10 @@ class Setup:
 
     def __post_init__(self) -> None:
         kinds = (("model", torch.nn.Module), ("data", Dataset | Loaders), ("learning_rate", LearningRate))
+        if self.loop is not None:
+            if not callable(self.loop):
+                raise TypeError(f"Setup.loop must be a function loop(hyper, report), got {type(self.loop).__name__}")
+            kinds = kinds[::2] if self.data is None else kinds
         for name, kind in kinds:
             if not isinstance(getattr(self, name), kind):
                 expected = "Dataset or Loaders" if name == "data" else kind.__name__
@@ -112,7 +140,8 @@ class Setup:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"Setup.{name} must be an integer >= 1, got {value!r}")
-        check_data(self.data, self.batch_size)
+        if self.data is not None:
+            check_data(self.data, self.batch_size)
 
 
 def setup_problem(setup, metric: str) -> str | None:

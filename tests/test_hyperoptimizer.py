@@ -113,3 +113,56 @@ def test_divergence_is_raised_with_the_reason_and_the_steps_undone(small_digits,
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(hypermeta.Diverged):
         hyper.step(train_loss, train_loss)
+
+
+LOOP_STUDY = """
+import torch, torch.nn.functional as F
+import hypermeta
+
+DATA = hypermeta.datasets.digits()
+
+
+def loop(hyper, report):
+    device = next(hyper.model.parameters()).device
+    valid_x, valid_y = DATA.valid.x.to(device), DATA.valid.y.to(device)
+    for step in range(40):
+        i = step % 30
+        x, y = DATA.train.x[i * 32:(i + 1) * 32].to(device), DATA.train.y[i * 32:(i + 1) * 32].to(device)
+        hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(valid_x), valid_y))
+        if (step + 1) % 20 == 0:
+            report(hypermeta.evaluate(hyper.model, DATA.valid, F.cross_entropy))
+
+
+def build(trial):
+    return hypermeta.Setup(
+        model=torch.nn.Linear(64, 10), steps=40, loop=loop,
+        learning_rate=hypermeta.LearningRate(init=trial.suggest_float("lr", 0.02, 0.5, log=True)),
+        hypergradient=hypermeta.Hypergradient(horizon=10),
+    )
+
+
+study = hypermeta.Study(name="own-loop", build=build, metric="valid_accuracy", n_trials=2)
+"""
+
+
+def test_a_study_with_its_own_loop_is_stored_and_reported_like_any_other(tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    from hypermeta._cli import main
+
+    (tmp_path / "own_loop.py").write_text(LOOP_STUDY)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", "own_loop.py", "--storage", url, "--quiet"]) == 0, err.getvalue()
+        assert main(["report", "own-loop", "--storage", url, "--out", str(tmp_path / "r")]) == 0
+    trajectories = hypermeta.load_trajectories(study_name="own-loop", storage=url)
+    evaluations = hypermeta.load_evaluations(study_name="own-loop", storage=url)
+    assert sorted(trajectories["trial"].unique()) == [0, 1]
+    assert trajectories["step"].unique().tolist() == [10, 20, 30, 40]
+    assert trajectories["hypergradient"].notna().all()
+    assert evaluations["step"].tolist() == [20, 40, 20, 40]
+    assert {"valid_loss", "valid_accuracy", "valid_macro_f1"} <= set(evaluations.columns)
+    assert any((tmp_path / "r").iterdir())
