@@ -1,8 +1,8 @@
 """hypermeta: hyperparameter optimization as meta-learning."""
 
 from hypermeta import datasets, tasks
-from hypermeta._data import Dataset, Split
-from hypermeta._engine import TRAJECTORY_COLUMNS, Hypergradient, TrainResult, train
+from hypermeta._data import Dataset, Loaders, Split
+from hypermeta._engine import TRAJECTORY_COLUMNS, Diverged, Hypergradient, HyperOptimizer, TrainResult, train
 from hypermeta._episodic import EpisodicResult, EpisodicSetup, InnerLearningRate, evaluate_tasks, meta_train
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 from hypermeta._metrics import evaluate
@@ -23,11 +23,14 @@ def __getattr__(name: str):
 __all__ = [
     "TRAJECTORY_COLUMNS",
     "Dataset",
+    "Diverged",
     "EpisodicResult",
     "EpisodicSetup",
+    "HyperOptimizer",
     "Hypergradient",
     "InnerLearningRate",
     "LearningRate",
+    "Loaders",
     "Setup",
     "Split",
     "Study",

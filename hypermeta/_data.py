@@ -1,7 +1,8 @@
-"""In-memory datasets with fixed train / validation / test splits, and seeded mini-batches."""
+"""The data of a run: in-memory splits with seeded mini-batches, or the user's own loaders."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,28 @@ class Dataset:
         )
 
 
-class Batches:
+class _Stream:
+    """Endless batches, the next of which can be looked at first."""
+
+    _peeked = None
+
+    def peek(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the next :meth:`next` returns."""
+        if self._peeked is None:
+            self._peeked = self._take()
+        return self._peeked
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._peeked is None:
+            return self._take()
+        batch, self._peeked = self._peeked, None
+        return batch
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Batches(_Stream):
     """An endless stream of mini-batches: a new seeded permutation every epoch."""
 
     def __init__(self, split: Split, *, batch_size: int, generator: torch.Generator) -> None:
@@ -65,7 +87,7 @@ class Batches:
         self._order = torch.empty(0, dtype=torch.long)
         self._position = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batch_size == len(self._split):  # the whole split: order does not matter
             return self._split.x, self._split.y
         if self._position + self._batch_size > len(self._order):
@@ -75,3 +97,94 @@ class Batches:
         self._position += self._batch_size
         index = index.to(self._split.x.device)
         return self._split.x[index], self._split.y[index]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Loaders:
+    """Train, validation and (optional) test data as re-iterables of ``(inputs, targets)`` batches.
+
+    Any object that can be iterated again and again will do: a ``torch.utils.data.DataLoader``
+    (shuffling, ``num_workers > 0``, transforms), a list of tensor pairs. The loader decides the
+    batch size. Training rolls over epochs as needed; every batch is moved to the run's device
+    (floating-point tensors also to the model's dtype). Hypergradients take their validation loss
+    on ``valid``: all of it, or ``Hypergradient.valid_batches`` batches at a time.
+
+    Example:
+        >>> import torch, hypermeta
+        >>> batches = [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))] * 3
+        >>> len(list(hypermeta.Loaders(train=batches, valid=batches).valid))
+        3
+    """
+
+    train: Iterable
+    valid: Iterable
+    test: Iterable | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("train", "valid", "test"):
+            loader = getattr(self, name)
+            if loader is None and name == "test":
+                continue
+            if not isinstance(loader, Iterable) or isinstance(loader, Iterator):  # iter() would draw a seed
+                raise TypeError(
+                    f"Loaders.{name} must be re-iterable (a DataLoader, a list of batches), "
+                    f"got {type(loader).__name__}"
+                )
+
+
+def check_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` as ``(inputs, targets)``, or a ``ValueError`` saying what the loader yielded."""
+    if isinstance(batch, tuple | list) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch):
+        return batch[0], batch[1]
+    kind = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
+    raise ValueError(f"the {where} loader yielded {kind}; a loader must yield (inputs, targets) pairs of tensors")
+
+
+def to_run(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch tensor on the run's device; floating point in the model's dtype."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, non_blocking=True)
+
+
+class LoaderBatches(_Stream):
+    """An endless stream of a loader's batches, epoch after epoch, on the run's device."""
+
+    def __init__(self, loader: Iterable, *, device: torch.device, dtype: torch.dtype, where: str) -> None:
+        self._loader, self._device, self._dtype, self._where = loader, device, dtype, where
+        self._iterator = iter(loader)
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self._loader)
+            batch = next(self._iterator, None)
+            if batch is None:
+                raise ValueError(f"the {self._where} loader yielded no batches") from None
+        x, y = check_batch(batch, self._where)
+        return to_run(x, self._device, self._dtype), to_run(y, self._device, self._dtype)
+
+
+class JoinedBatches:
+    """Validation batches for hypergradients: ``n`` batches of a stream joined, or a whole pass."""
+
+    def __init__(self, loader: Iterable, *, n: int | None, device: torch.device, dtype: torch.dtype) -> None:
+        self._loader, self._n, self._device, self._dtype = loader, n, device, dtype
+        self._stream = LoaderBatches(loader, device=device, dtype=dtype, where="valid")
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._n is None:
+            batches = [check_batch(batch, "valid") for batch in self._loader]
+            batches = [(to_run(x, self._device, self._dtype), to_run(y, self._device, self._dtype)) for x, y in batches]
+        else:
+            batches = [self._stream.next() for _ in range(self._n)]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def split_batches(data: Split | Iterable, *, batch_size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of one split, each once: an in-memory ``Split`` in slices, or a loader's own."""
+    if isinstance(data, Split):
+        for start in range(0, len(data), batch_size):
+            yield data.x[start : start + batch_size], data.y[start : start + batch_size]
+    else:
+        for batch in data:
+            yield check_batch(batch, "evaluation")

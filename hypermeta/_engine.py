@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hypermeta._data import Batches, Dataset
+from hypermeta._data import Batches, Dataset, JoinedBatches, LoaderBatches, Loaders, Split
 from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDecay
-from hypermeta._metrics import evaluate
+from hypermeta._metrics import Metric, evaluate, fit_problem
 from hypermeta._private import diffopt
 from hypermeta._private.greedy import greedy_window
+from hypermeta._private.handoff import Handoff, LossModule, picked
 from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
@@ -30,6 +31,7 @@ _ESTIMATORS = {"unrolled": unrolled_window, "greedy": greedy_window}
 _META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
+_OPEN_ENDED = 2**62  # the step budget of a HyperOptimizer run without a schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,8 @@ class Hypergradient:
             the schedule keeps what hypergradients learned instead of jumping back to ``init``.
             ``False`` starts every segment at its starting value. Either way a hyper-step moves
             only the rates of the segment being trained.
+        valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
+            (consecutive batches of ``valid``, epoch after epoch); ``None`` uses all of ``valid``.
 
     Example:
         >>> import hypermeta
@@ -68,6 +72,7 @@ class Hypergradient:
     max_failures: int = 5
     valid_batch_size: int | None = None
     carry_segments: bool = True
+    valid_batches: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
@@ -118,18 +123,206 @@ class _Run:
     patched: Any = None  # the unrolled estimator's monkey-patched model, made once per run
 
 
+class Diverged(RuntimeError):
+    """Raised by :meth:`HyperOptimizer.step` once the divergence guard has ended the run; says why."""
+
+
+class HyperOptimizer:
+    """Hypergradient-driven hyperparameters for a training loop of your own.
+
+    Wraps ``model`` in an inner ``torch.optim`` optimizer (one parameter group per layer, as in
+    :func:`hypermeta.train`) whose learning rates and weight decays follow hypergradients of the
+    validation loss. Each :meth:`step` does one training step; every ``hypergradient.horizon``
+    steps a window ends, ``valid_loss`` is called, and the hyperparameters move. Without
+    ``hypergradient`` the steps are plain ``torch.optim`` steps at the initial values.
+
+    ``steps`` (the run's length) is needed only by learning-rate schedules (``segments > 1``).
+    The divergence guard works as in :func:`hypermeta.train`, with the limit ``max_loss_ratio``
+    times the first step's training loss: a rejected window's steps are undone (weights, buffers,
+    optimizer state), and once the guard gives up :meth:`step` raises :class:`Diverged`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hypermeta
+        >>> torch.manual_seed(0) and None
+        >>> data = hypermeta.datasets.digits()
+        >>> model = torch.nn.Linear(64, 10)
+        >>> hyper = hypermeta.HyperOptimizer(
+        ...     model, learning_rate=hypermeta.LearningRate(init=0.1),
+        ...     hypergradient=hypermeta.Hypergradient(horizon=5))
+        >>> for i in range(20):
+        ...     x, y = data.train.x[i * 32:(i + 1) * 32], data.train.y[i * 32:(i + 1) * 32]
+        ...     loss = hyper.step(lambda m: F.cross_entropy(m(x), y),
+        ...                       lambda m: F.cross_entropy(m(data.valid.x), data.valid.y))
+        >>> hyper.steps, hyper.trajectory["step"].unique().tolist()
+        (20, [5, 10, 15, 20])
+        >>> sorted(hyper.hyperparameters)
+        ['lr/all/0']
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        learning_rate: LearningRate,
+        optimizer: str = "sgd",
+        optimizer_options: dict | None = None,
+        weight_decay: WeightDecay | None = None,
+        hypergradient: Hypergradient | None = None,
+        steps: int | None = None,
+        initial_values: dict[str, float] | None = None,
+        max_loss_ratio: float = 10.0,
+    ) -> None:
+        self._handoff = Handoff()
+        groups = parameter_groups(model)
+        run = _new_run(
+            LossModule(model), groups, steps=steps or _OPEN_ENDED, learning_rate=learning_rate,
+            weight_decay=weight_decay, optimizer=optimizer, optimizer_options=optimizer_options, loss_fn=picked,
+            train_batches=self._handoff.train_batches, valid_batches=self._handoff.valid_batches,
+        )
+        self._start(run, hypergradient, steps, initial_values)
+        self._max_loss_ratio = max_loss_ratio
+
+    @classmethod
+    def _on_run(cls, run: _Run, *, hypergradient, steps, initial_values, loss_limit: float) -> HyperOptimizer:
+        """One driven window by window on ``run``'s own batch streams (how :func:`train` uses it)."""
+        self = cls.__new__(cls)
+        self._start(run, hypergradient, steps, initial_values)
+        self._loss_limit = loss_limit
+        return self
+
+    def _start(self, run, hypergradient, steps, initial_values) -> None:
+        self._run, self._hypergradient, self._total = run, hypergradient, steps
+        run.hyper.load_values(initial_values or {})
+        self._meta = _MetaStep(run.hyper, hypergradient) if hypergradient else None
+        self._horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
+        self._loss_limit = None
+        self._failures = 0
+        self._plain = None  # the plain steps of the user's current window
+        self._window_start = self._window_end = 0
+        self.steps = 0
+        self.rejected_steps = 0
+        self.reason: str | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._run.model.model if isinstance(self._run.model, LossModule) else self._run.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The inner ``torch.optim`` optimizer (its state; its values are written before each step)."""
+        return self._run.optimizer
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """The current values, keyed ``"lr/<group>/<segment>"`` and ``"weight_decay/<group>"``."""
+        return self._run.hyper.values()
+
+    @property
+    def trajectory(self) -> pd.DataFrame:
+        """One row per hyperparameter per window, in :data:`TRAJECTORY_COLUMNS` (as ``TrainResult.trajectory``)."""
+        return pd.DataFrame(self._run.rows, columns=TRAJECTORY_COLUMNS)
+
+    def step(
+        self,
+        train_loss: Callable[[torch.nn.Module], torch.Tensor],
+        valid_loss: Callable[[torch.nn.Module], torch.Tensor],
+    ) -> torch.Tensor:
+        """One training step on ``train_loss(model)``; returns its loss (detached).
+
+        Both arguments are functions of the model returning a scalar loss; within a window
+        the model they get is ``higher``'s differentiable copy of yours, so compute the loss from
+        its output only. ``valid_loss`` is called (with Dropout off) only when a window ends.
+        """
+        if self.reason is not None:
+            raise Diverged(self.reason)
+        losses = []
+
+        def training(model):
+            losses.append(train_loss(model))
+            return losses[-1]
+
+        if not self._handoff.running and self._plain is None:
+            self._begin(self._window_length())
+        if self._plain is not None:
+            self._plain.take((training, None))
+            window = self._plain.window() if self._plain.step == self._window_end else None
+        else:
+            window = self._handoff.feed(training, valid_loss)
+        if self._loss_limit is None:
+            self._loss_limit = self._max_loss_ratio * float(losses[0].detach())
+        if window is not None:
+            self._plain = None
+            self._end(window)
+        return losses[0].detach()
+
+    def _begin(self, n_steps: int) -> None:
+        run, start = self._run, self.steps
+        self._window_start, self._window_end = start, start + n_steps
+        if not run.model.training:
+            run.model.train()
+        if self._meta is None:
+            self._plain = _PlainSteps(run, start)
+        else:
+            self._handoff.start(lambda: self._meta.window(run, start, n_steps))
+
+    def _window_length(self, eval_every: int | None = None) -> int:
+        step = self.steps
+        n_steps = self._horizon
+        if self._total is not None:
+            n_steps = min(n_steps, self._total - step)
+        if eval_every is not None:
+            n_steps = min(n_steps, eval_every - step % eval_every)
+        if self._meta:
+            n_steps = min(n_steps, _to_next_segment(self._run.hyper, step))
+        return n_steps
+
+    def _advance(self, n_steps: int) -> bool:
+        """One whole window on the run's own batches; whether it was kept (else it was undone)."""
+        run = self._run
+        self._window_start, self._window_end = self.steps, self.steps + n_steps
+        run.model.train()  # evaluation may have left it in eval mode
+        if self._meta is None:
+            window = _plain_window(run, self.steps, n_steps)
+        else:
+            window = self._meta.window(run, self.steps, n_steps)
+        return self._end(window)
+
+    def _end(self, window: Window) -> bool:
+        """The guard, then the window's record and meta step; whether it was kept."""
+        start, end = self._window_start, self._window_end
+        problem = window.problem(self._loss_limit)
+        if problem:
+            window.rollback()
+            self._failures += 1
+            self.rejected_steps += 1
+            if self._meta is None or self._failures > self._hypergradient.max_failures:
+                self.reason = _divergence(problem, start, self._failures)
+                raise Diverged(self.reason)
+            self._meta.reject()
+            return False
+        window.commit()
+        self._failures = 0
+        _record(self._run, end, window)
+        if self._meta:
+            self._meta.step(window.hypergradients, segment=self._run.hyper.segment(start))
+        self.steps = end
+        self.last_train_loss = window.train_loss
+        return True
+
+
 def train(
     model: torch.nn.Module,
     *,
-    data: Dataset,
+    data: Dataset | Loaders,
     steps: int,
-    batch_size: int,
+    batch_size: int | None = None,
     learning_rate: LearningRate,
     weight_decay: WeightDecay | None = None,
     optimizer: str = "sgd",
     optimizer_options: dict | None = None,
     hypergradient: Hypergradient | None = None,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    metrics: dict[str, Metric] | None = None,
     initial_values: dict[str, float] | None = None,
     eval_every: int | None = None,
     max_loss_ratio: float = 10.0,
@@ -166,44 +359,176 @@ def train(
         >>> result.status, result.trajectory["step"].unique().tolist()
         ('completed', [5, 10, 15, 20])
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    check_data(data, batch_size)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
     eval_every = eval_every or horizon * max(1, steps // (10 * horizon))
     model = model.to(device)
-    data = data.to(device, next(model.parameters()).dtype)
+    if isinstance(data, Dataset):
+        data = data.to(device, next(model.parameters()).dtype)
     run = build_run(
         model, data=data, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, optimizer=optimizer, optimizer_options=optimizer_options,
         loss_fn=loss_fn, seed=seed,
-        valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or len(data.valid),
+        valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or _size(data.valid),
+        valid_batches=hypergradient and hypergradient.valid_batches,
     )
-    run.hyper.load_values(initial_values or {})
-    on_steps = on_steps or (lambda n: None)
-    outcome = _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps)
+    problem = fit_problem(model, run.train_batches.peek(), loss_fn, "train")
+    if problem:
+        raise ValueError(problem)
+    hyper = HyperOptimizer._on_run(
+        run, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
+        loss_limit=max_loss_ratio * evaluate(model, data.valid, loss_fn)["loss"],
+    )
+    outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None))
     return TrainResult(
         model=model,
         optimizer=run.optimizer,
-        trajectory=pd.DataFrame(run.rows, columns=TRAJECTORY_COLUMNS),
+        trajectory=hyper.trajectory,
         evaluations=pd.DataFrame(outcome.evaluations),
-        hyperparameters=run.hyper.values(),
+        hyperparameters=hyper.hyperparameters,
         status=outcome.status,
         reason=outcome.reason,
-        steps=outcome.step,
-        rejected_steps=outcome.rejected,
+        steps=hyper.steps,
+        rejected_steps=hyper.rejected_steps,
     )
+
+
+class _StopLoop(Exception):
+    """Raised from ``report`` in a loop of the user's own to end it (pruned or diverged)."""
+
+
+def train_loop(
+    loop: Callable[[HyperOptimizer, Callable[[dict[str, float]], None]], None],
+    model: torch.nn.Module,
+    *,
+    steps: int,
+    learning_rate: LearningRate,
+    weight_decay: WeightDecay | None = None,
+    optimizer: str = "sgd",
+    optimizer_options: dict | None = None,
+    hypergradient: Hypergradient | None = None,
+    initial_values: dict[str, float] | None = None,
+    max_loss_ratio: float = 10.0,
+    device: str | torch.device = "cpu",
+    on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Run ``loop(hyper, report)``, a training loop of your own, as :func:`train` runs its own.
+
+    ``hyper`` is a :class:`HyperOptimizer` of ``model`` (moved to ``device``) with these settings;
+    ``loop`` calls ``hyper.step`` for each training step (``steps`` in all) and
+    ``report({"valid_loss": ..., ...})`` after each evaluation of its own, at least once at the
+    end. The evaluations are recorded at ``hyper.steps`` with a ``valid_`` prefix added where
+    missing; when ``on_evaluation`` asks to stop (a pruned trial) ``report`` ends the loop by
+    raising, as does ``hyper.step`` when the run diverges.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hypermeta
+        >>> data = hypermeta.datasets.digits()
+        >>> def loop(hyper, report):
+        ...     for i in range(30):
+        ...         x, y = data.train.x[i * 32:(i + 1) * 32], data.train.y[i * 32:(i + 1) * 32]
+        ...         hyper.step(lambda m: F.cross_entropy(m(x), y),
+        ...                    lambda m: F.cross_entropy(m(data.valid.x), data.valid.y))
+        ...     report({"loss": hypermeta.evaluate(hyper.model, data.valid, F.cross_entropy)["loss"]})
+        >>> result = hypermeta._engine.train_loop(
+        ...     loop, torch.nn.Linear(64, 10), steps=30, learning_rate=hypermeta.LearningRate(init=0.1),
+        ...     hypergradient=hypermeta.Hypergradient(horizon=10))
+        >>> result.status, result.evaluations.columns.tolist(), result.trajectory["step"].unique().tolist()
+        ('completed', ['step', 'valid_loss'], [10, 20, 30])
+    """
+    hyper = HyperOptimizer(
+        model.to(device), learning_rate=learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
+        weight_decay=weight_decay, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
+        max_loss_ratio=max_loss_ratio,
+    )
+    outcome, reported = _Outcome(), [0]
+
+    def report(metrics: dict[str, float]) -> None:
+        step = hyper.steps
+        (on_steps or (lambda n: None))(step - reported[0])
+        reported[0] = step
+        measured = {"step": step, **{_valid(k): float(v) for k, v in metrics.items()}}
+        outcome.evaluations.append(measured)
+        if on_evaluation is not None and on_evaluation(step, measured):
+            outcome.end("stopped", f"stopped at step {step} by on_evaluation")
+            raise _StopLoop
+
+    try:
+        loop(hyper, report)
+    except _StopLoop:
+        pass
+    except Diverged as diverged:
+        outcome.end("diverged", str(diverged))
+    if not outcome.evaluations:
+        raise ValueError("the training loop reported no evaluation: call report({'valid_loss': ...}) at its end")
+    return TrainResult(
+        model=hyper.model, optimizer=hyper.optimizer, trajectory=hyper.trajectory,
+        evaluations=pd.DataFrame(outcome.evaluations), hyperparameters=hyper.hyperparameters,
+        status=outcome.status, reason=outcome.reason, steps=hyper.steps, rejected_steps=hyper.rejected_steps,
+    )
+
+
+def _valid(name: str) -> str:
+    return name if name.startswith("valid_") else f"valid_{name}"
+
+
+@dataclass
+class _Outcome:
+    evaluations: list[dict] = field(default_factory=list)
+    status: str = "completed"
+    reason: str | None = None
+
+    def end(self, status: str, reason: str) -> _Outcome:
+        self.status, self.reason = status, reason
+        return self
+
+
+def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluation, on_steps) -> _Outcome:
+    outcome = _Outcome()
+    run = hyper._run
+    while hyper.steps < steps:
+        n_steps = hyper._window_length(eval_every)
+        try:
+            if not hyper._advance(n_steps):
+                continue
+        except Diverged as diverged:
+            return outcome.end("diverged", str(diverged))
+        on_steps(n_steps)
+        step = hyper.steps
+        if step % eval_every == 0 or step == steps:
+            measured = {"step": step, "train_loss": float(hyper.last_train_loss)}
+            measured.update({f"valid_{k}": v for k, v in evaluate(run.model, valid, run.loss_fn, metrics).items()})
+            outcome.evaluations.append(measured)
+            if not math.isfinite(measured["valid_loss"]):
+                return outcome.end("diverged", f"validation loss is not finite at step {step}")
+            if on_evaluation is not None and on_evaluation(step, measured):
+                return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
+    return outcome
 
 
 def build_run(
     model, *, data, steps, batch_size, learning_rate, optimizer, optimizer_options, weight_decay=None,
-    loss_fn, seed, valid_batch_size,
+    loss_fn, seed, valid_batch_size=None, valid_batches=None,
 ) -> _Run:
-    """Everything a window needs; ``data`` and ``model`` already on one device and dtype.
+    """Everything a window needs; ``model`` (and a ``Dataset``'s tensors) already on one device and dtype.
 
-    Training and validation batches come from separate generators, so the training batches of a
-    run do not depend on whether hypergradients are computed.
+    Training and validation batches come from separate generators (or loaders), so the training
+    batches of a run do not depend on whether hypergradients are computed.
     """
-    groups = parameter_groups(model)
+    return _new_run(
+        model, parameter_groups(model), steps=steps, learning_rate=learning_rate, weight_decay=weight_decay,
+        optimizer=optimizer, optimizer_options=optimizer_options, loss_fn=loss_fn,
+        **_streams(data, batch_size, valid_batch_size, valid_batches, seed, next(model.parameters())),
+    )
+
+
+def _new_run(
+    model, groups, *, steps, learning_rate, weight_decay, optimizer, optimizer_options, loss_fn,
+    train_batches, valid_batches,
+) -> _Run:
     parameter = next(model.parameters())
     hyper = HyperParameters(
         learning_rate=learning_rate, weight_decay=weight_decay, group_names=list(groups),
@@ -212,67 +537,40 @@ def build_run(
     return _Run(
         model=model, hyper=hyper, loss_fn=loss_fn,
         optimizer=_inner_optimizer(optimizer, optimizer_options, groups, learning_rate, weight_decay),
-        train_batches=Batches(
-            data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
-        ),
-        valid_batches=Batches(
-            data.valid, batch_size=valid_batch_size,
-            generator=torch.Generator().manual_seed(seed + 1),
-        ),
+        train_batches=train_batches, valid_batches=valid_batches,
     )
 
 
-@dataclass
-class _Outcome:
-    evaluations: list[dict] = field(default_factory=list)
-    status: str = "completed"
-    reason: str | None = None
-    step: int = 0
-    rejected: int = 0
+def _streams(data, batch_size, valid_batch_size, valid_batches, seed, parameter) -> dict:
+    if isinstance(data, Loaders):
+        device, dtype = parameter.device, parameter.dtype
+        return {
+            "train_batches": LoaderBatches(data.train, device=device, dtype=dtype, where="train"),
+            "valid_batches": JoinedBatches(data.valid, n=valid_batches, device=device, dtype=dtype),
+        }
+    return {
+        "train_batches": Batches(data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)),
+        "valid_batches": Batches(
+            data.valid, batch_size=valid_batch_size or len(data.valid),
+            generator=torch.Generator().manual_seed(seed + 1),
+        ),
+    }
 
-    def end(self, status: str, reason: str) -> _Outcome:
-        self.status, self.reason = status, reason
-        return self
+
+def check_data(data, batch_size) -> None:
+    """A ``Dataset`` needs a batch size; ``Loaders`` bring their own."""
+    if isinstance(data, Loaders):
+        if batch_size is not None:
+            raise ValueError("with Loaders the loaders decide the batch size: leave batch_size out")
+    elif isinstance(data, Dataset):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"a Dataset needs batch_size, an integer >= 1, got {batch_size!r}")
+    else:
+        raise TypeError(f"data must be a hypermeta.Dataset or hypermeta.Loaders, got {type(data).__name__}")
 
 
-def _loop(run, data, hypergradient, steps, eval_every, max_loss_ratio, on_evaluation, on_steps) -> _Outcome:
-    meta = _MetaStep(run.hyper, hypergradient) if hypergradient else None
-    horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
-    outcome = _Outcome()
-    failures = 0
-    loss_limit = max_loss_ratio * evaluate(run.model, data.valid, run.loss_fn)["loss"]
-    while outcome.step < steps:
-        step = outcome.step
-        n_steps = min(horizon, steps - step, eval_every - step % eval_every)
-        if meta:
-            n_steps = min(n_steps, _to_next_segment(run.hyper, step))
-        window = meta.window(run, step, n_steps) if meta else _plain_window(run, step, n_steps)
-        problem = window.problem(loss_limit)
-        if problem:
-            window.rollback()
-            failures += 1
-            outcome.rejected += 1
-            if meta is None or failures > hypergradient.max_failures:
-                return outcome.end("diverged", _divergence(problem, step, failures))
-            meta.reject()
-            continue
-        window.commit()
-        failures = 0
-        _record(run, step + n_steps, window)
-        if meta:
-            meta.step(window.hypergradients, segment=run.hyper.segment(step))
-        outcome.step = step = step + n_steps
-        on_steps(n_steps)
-        if step % eval_every == 0 or step == steps:
-            metrics = {"step": step, "train_loss": float(window.train_loss)}
-            valid = evaluate(run.model, data.valid, run.loss_fn)
-            metrics.update({f"valid_{k}": v for k, v in valid.items()})
-            outcome.evaluations.append(metrics)
-            if not math.isfinite(metrics["valid_loss"]):
-                return outcome.end("diverged", f"validation loss is not finite at step {step}")
-            if on_evaluation is not None and on_evaluation(step, metrics):
-                return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
-    return outcome
+def _size(split) -> int | None:
+    return len(split) if isinstance(split, Split) else None
 
 
 class _MetaStep:
@@ -320,16 +618,32 @@ def _to_next_segment(hyper: HyperParameters, step: int) -> int:
     return hyper.segment_start(hyper.segment(step) + 1) - step
 
 
+class _PlainSteps:
+    """The plain ``torch.optim`` steps of one window, taken one by one, and the window they make."""
+
+    def __init__(self, run: _Run, start: int) -> None:
+        self.run, self.step = run, start
+        self.saved = snapshot(run.model, run.optimizer)
+        self.losses = []
+
+    def take(self, batch) -> None:
+        run = self.run
+        self.losses.append(plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, batch, self.step))
+        self.step += 1
+
+    def window(self) -> Window:
+        run, saved = self.run, self.saved
+        return Window(
+            train_loss=torch.stack(self.losses).mean(), valid_loss=None, hypergradients=None,
+            commit=nothing, rollback=lambda: restore(run.model, run.optimizer, saved),
+        )
+
+
 def _plain_window(run: _Run, start: int, n_steps: int) -> Window:
-    saved = snapshot(run.model, run.optimizer)
-    losses = [
-        plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, run.train_batches.next(), step)
-        for step in range(start, start + n_steps)
-    ]
-    return Window(
-        train_loss=torch.stack(losses).mean(), valid_loss=None, hypergradients=None,
-        commit=nothing, rollback=lambda: restore(run.model, run.optimizer, saved),
-    )
+    steps = _PlainSteps(run, start)
+    for _ in range(n_steps):
+        steps.take(run.train_batches.next())
+    return steps.window()
 
 
 def _record(run: _Run, step: int, window: Window) -> None:

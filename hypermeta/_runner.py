@@ -22,7 +22,7 @@ from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._records import EVALUATIONS_FILE, LAYERS, TRAJECTORY_FILE, describe_layers
-from hypermeta._study import Setup, Study, resolve
+from hypermeta._study import Setup, Study, resolve, setup_problem
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -262,7 +262,7 @@ def _check_build(study: Study) -> None:
         raise UsageError(
             f"the build function of study {study.name!r} returned {type(setup).__name__}; return a hypermeta.Setup"
         )
-    problem = setup.metric_problem(study.metric)
+    problem = setup_problem(setup, study.metric)
     if problem:
         raise UsageError(f"study {study.name!r}: {problem}")
 

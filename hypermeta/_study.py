@@ -13,20 +13,41 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from hypermeta._data import Dataset
-from hypermeta._engine import Hypergradient, TrainResult, parameter_groups, train
+from hypermeta._data import Dataset, Loaders, Split, check_batch, to_run
+from hypermeta._engine import (
+    Hypergradient,
+    HyperOptimizer,
+    TrainResult,
+    check_data,
+    parameter_groups,
+    train,
+    train_loop,
+)
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._hyperparameters import LearningRate, WeightDecay
-from hypermeta._metrics import evaluate
+from hypermeta._metrics import Metric, evaluate, fit_problem
 
-METRICS = {"valid_loss": "minimize", "valid_accuracy": "maximize", "valid_macro_f1": "maximize"}
+METRICS = {
+    "valid_loss": "minimize", "valid_accuracy": "maximize", "valid_macro_f1": "maximize", "valid_f1": "maximize",
+}
 
 
 @dataclass(kw_only=True)
 class Setup:
     """One training run for the engine: what a study's build function returns.
 
-    The fields are :func:`hypermeta.train`'s arguments of the same names.
+    The fields are :func:`hypermeta.train`'s arguments of the same names. ``data`` is a
+    :class:`hypermeta.Dataset` (then ``batch_size`` is required) or :class:`hypermeta.Loaders`
+    (the loaders decide the batch size). ``loss_fn(output, targets)`` is the training and
+    validation loss (cross-entropy by default; ``mse_loss`` for regression,
+    ``binary_cross_entropy_with_logits`` for one logit and 0/1 float targets); it must return a
+    scalar. ``metrics`` adds ``valid_<name>`` to each evaluation, ``fn(outputs, targets) -> float``
+    over the whole validation split, which a :class:`Study` can optimize.
+
+    ``loop(hyper, report)``, a training loop of your own, replaces hypermeta's: ``hyper`` is a
+    :class:`hypermeta.HyperOptimizer` built from these fields; the loop brings its own data
+    (``data`` may be left out), calls ``hyper.step`` ``steps`` times and ``report({"valid_loss":
+    ...})`` after its evaluations. Trajectories and evaluations are stored as for any run.
 
     Example:
         >>> import torch, hypermeta
@@ -38,43 +59,96 @@ class Setup:
     """
 
     model: torch.nn.Module
-    data: Dataset
     steps: int
-    batch_size: int
     learning_rate: LearningRate
+    data: Dataset | Loaders | None = None
+    batch_size: int | None = None
     weight_decay: WeightDecay | None = None
     optimizer: str = "sgd"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     hypergradient: Hypergradient | None = field(default_factory=Hypergradient)
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy
+    metrics: dict[str, Metric] = field(default_factory=dict)
     eval_every: int | None = None
+    loop: Callable[[HyperOptimizer, Callable[[dict[str, float]], None]], None] | None = None
 
     def train(self, **options) -> TrainResult:
-        """:func:`hypermeta.train` on this set-up; ``options`` are its remaining keyword arguments."""
+        """:func:`hypermeta.train` on this set-up (or its ``loop``); ``options`` are its remaining keyword arguments."""
+        if self.loop is not None:
+            options.pop("seed", None)  # the loop draws its own batches; the runner has seeded torch
+            return train_loop(
+                self.loop, self.model, steps=self.steps, learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay, optimizer=self.optimizer, optimizer_options=self.optimizer_options,
+                hypergradient=self.hypergradient, **options,
+            )
         return train(
             self.model, data=self.data, steps=self.steps, batch_size=self.batch_size,
             learning_rate=self.learning_rate, weight_decay=self.weight_decay, optimizer=self.optimizer,
             optimizer_options=self.optimizer_options, hypergradient=self.hypergradient, loss_fn=self.loss_fn,
-            eval_every=self.eval_every, **options,
+            metrics=self.metrics, eval_every=self.eval_every, **options,
         )
 
     def test_metrics(self, result: TrainResult, *, device, seed: int) -> dict[str, float]:
-        """Loss (accuracy, macro-F1) of the trained model on the test split."""
-        return evaluate(result.model, self.data.test.to(device), self.loss_fn)
+        """Loss (accuracy, F1, the user's metrics) of the trained model on the test split, if any."""
+        if self.data is None or self.data.test is None:
+            return {}
+        return evaluate(result.model, self.data.test, self.loss_fn, self.metrics)
 
-    def metric_problem(self, metric: str) -> str | None:
-        return None  # every metric of METRICS is measured on the validation split
+    def data_problem(self, metric: str = "valid_loss") -> str | None:
+        """Why the first train and validation batches do not fit the model and loss, or why
+        ``metric`` is not measured; ``None`` when all is well. Nothing of the model changes.
+        A loop of the user's own is not run here: what it reports is its own."""
+        if self.loop is not None:
+            return None
+        batches = {}
+        for where in ("train", "valid"):
+            data = getattr(self.data, where)
+            if isinstance(data, Split):
+                batches[where] = (data.x[: self.batch_size], data.y[: self.batch_size])
+                continue
+            try:
+                batches[where] = check_batch(next(iter(data)), where)
+            except StopIteration:
+                return f"the {where} loader yielded no batches"
+            except ValueError as error:
+                return str(error)
+        parameter = next(self.model.parameters())
+        for where, (x, y) in batches.items():
+            batch = to_run(x, parameter.device, parameter.dtype), to_run(y, parameter.device, parameter.dtype)
+            problem = fit_problem(self.model, batch, self.loss_fn, where)
+            if problem:
+                return problem
+        measured = evaluate(self.model, [batches["valid"]], self.loss_fn, self.metrics)
+        if metric.removeprefix("valid_") not in measured:
+            names = ", ".join(f"valid_{name}" for name in measured)
+            return f"metric {metric!r} is not measured on this set-up (it measures {names}); add it to Setup.metrics"
+        return None
 
     def __post_init__(self) -> None:
-        for name, kind in (("model", torch.nn.Module), ("data", Dataset), ("learning_rate", LearningRate)):
+        kinds = (("model", torch.nn.Module), ("data", Dataset | Loaders), ("learning_rate", LearningRate))
+        if self.loop is not None:
+            if not callable(self.loop):
+                raise TypeError(f"Setup.loop must be a function loop(hyper, report), got {type(self.loop).__name__}")
+            kinds = kinds[::2] if self.data is None else kinds
+        for name, kind in kinds:
             if not isinstance(getattr(self, name), kind):
-                raise TypeError(f"Setup.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
-        for name in ("steps", "batch_size", "eval_every"):
+                expected = "Dataset or Loaders" if name == "data" else kind.__name__
+                raise TypeError(f"Setup.{name} must be a {expected}, got {type(getattr(self, name)).__name__}")
+        for name in ("steps", "eval_every"):
             value = getattr(self, name)
             if value is None and name == "eval_every":
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"Setup.{name} must be an integer >= 1, got {value!r}")
+        if self.data is not None:
+            check_data(self.data, self.batch_size)
+
+
+def setup_problem(setup, metric: str) -> str | None:
+    """What is wrong with a built set-up for a study optimizing ``metric`` (before anything is written)."""
+    if isinstance(setup, Setup):
+        return setup.data_problem(metric)
+    return setup.metric_problem(metric)
 
 
 @dataclass(kw_only=True)
@@ -88,8 +162,11 @@ class Study:
     Args:
         name: the study's name in the storage.
         build: ``build(trial) -> Setup``.
-        metric: the final validation metric to optimize: ``"valid_loss"``, ``"valid_accuracy"`` or
-            ``"valid_macro_f1"``. Its direction follows from it.
+        metric: the final validation metric to optimize: ``"valid_loss"``, ``"valid_accuracy"``,
+            ``"valid_macro_f1"`` (multi-class), ``"valid_f1"`` (binary), or ``"valid_<name>"`` of a
+            metric of ``Setup.metrics``.
+        direction: ``"minimize"`` or ``"maximize"``; it follows from a built-in metric, and a
+            metric of your own needs it.
         n_trials: finished trials the study should hold (``--n-trials`` overrides it).
         pruner: an Optuna pruner; by default a median pruner.
 
@@ -107,6 +184,7 @@ class Study:
     name: str
     build: Callable[[optuna.Trial], Setup]
     metric: str = "valid_loss"
+    direction: str | None = None
     n_trials: int = 10
     pruner: optuna.pruners.BasePruner | None = None
 
@@ -115,14 +193,16 @@ class Study:
             raise ValueError(f"study name must be a non-empty string, got {self.name!r}")
         if not callable(self.build):
             raise ValueError("build must be a function build(trial) -> hypermeta.Setup")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        if not isinstance(self.metric, str) or not self.metric.startswith("valid_"):
+            raise ValueError(f"metric must be one of {sorted(METRICS)} or valid_<name>, got {self.metric!r}")
+        self.direction = self.direction or METRICS.get(self.metric)
+        if self.direction not in ("minimize", "maximize"):
+            raise ValueError(
+                f"metric {self.metric!r} is your own: give Study(direction='minimize' or 'maximize'), "
+                f"got {self.direction!r}"
+            )
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise ValueError(f"n_trials must be an integer >= 1, got {self.n_trials!r}")
-
-    @property
-    def direction(self) -> str:
-        return METRICS[self.metric]
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         return self.pruner or optuna.pruners.MedianPruner(n_startup_trials=3)

@@ -96,3 +96,26 @@ def test_mnist1d_cnn_builds_a_model_for_the_flat_inputs():
     setup = study.build(optuna.trial.FixedTrial({"channels": 64, "batch_size": 100}))
     assert setup.model(setup.data.valid.x[:3]).shape == (3, 10)
     assert len(hyperparameter_keys(setup)) == 2 * 4  # per-layer learning rate and weight decay, 4 layers
+
+
+def test_mnist1d_loaders_are_generated_once_on_disk_and_streamed(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = np.random.get_state()[1].copy(), random.getstate()
+    data = hypermeta.datasets.mnist1d_loaders(n=1_205, valid=300, test=105, batch_size=50, directory=tmp_path / "m")
+    assert (np.random.get_state()[1] == state[0]).all() and random.getstate() == state[1]
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["x.npy", "y.npy"] and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    stamp = (tmp_path / "m" / "x.npy").stat().st_mtime_ns
+    again = hypermeta.datasets.mnist1d_loaders(n=1_205, valid=300, test=105, batch_size=50, directory=tmp_path / "m")
+    assert (tmp_path / "m" / "x.npy").stat().st_mtime_ns == stamp, "the files are made once"
+    train = list(data.train)
+    assert len(train) == 800 // 50 and all(x.shape == (50, 40) and x.dtype == torch.float32 for x, _ in train)
+    assert [len(y) for _, y in data.valid] == [300] and [len(y) for _, y in data.test] == [105]
+    assert set(torch.cat([y for _, y in train]).tolist()) == set(range(10))
+    rows = torch.cat([x for x, _ in train])
+    assert len(torch.unique(rows, dim=0)) == 800, "an epoch draws every training row once"
+    torch.testing.assert_close(torch.cat([x for x, _ in again.valid]), torch.cat([x for x, _ in data.valid]))
+    assert not any(torch.equal(a, b) for (a, _), (b, _) in zip(train, list(data.train), strict=True)), "reshuffled"

@@ -146,7 +146,8 @@ def test_on_evaluation_can_stop_a_run(small_digits):
     [
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"optimizer": "adam", "optimizer_options": {"amsgrad": True}}, "amsgrad"),
-        ({"steps": 0}, "steps and batch_size must be >= 1"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"batch_size": 0}, "a Dataset needs batch_size"),
         ({"optimizer_options": {"lr": 0.1}}, "must not set 'lr'"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hypermeta._hyperparameters import HyperParameters
+from hypermeta._private.modes import buffers
 
 
 @torch.no_grad()
@@ -39,13 +40,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Copies of the weights and optimizer state, for :func:`restore`."""
-    return [p.detach().clone() for p in model.parameters()], optimizer_state(optimizer)
+    """Copies of the weights, buffers (BatchNorm running statistics) and optimizer state, for :func:`restore`."""
+    tensors = [p.detach().clone() for p in model.parameters()] + [b.clone() for b in buffers(model)]
+    return tensors, optimizer_state(optimizer)
 
 
 @torch.no_grad()
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved) -> None:
-    weights, state = saved
-    for param, weight in zip(model.parameters(), weights, strict=True):
-        param.copy_(weight)
+    tensors, state = saved
+    for target, value in zip([*model.parameters(), *buffers(model)], tensors, strict=True):
+        target.copy_(value)
     load_optimizer_state(optimizer, state)
