@@ -33,7 +33,7 @@ TRAJECTORY_COLUMNS = [
     "step", "name", "group", "segment", "value", "hypergradient", "train_loss", "valid_loss",
 ]
 EVALUATION_STEP = "step"
-VALID_METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
+VALID_METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1", "valid_f1")
 SHARED_GROUP = "all"  # the ``group`` of a hyperparameter shared by every layer
 
 HYPERPARAMETERS = "hyperparameters"

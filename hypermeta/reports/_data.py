@@ -28,10 +28,11 @@ METRIC_LABELS = {
     "valid_loss": "validation loss",
     "valid_accuracy": "validation accuracy",
     "valid_macro_f1": "validation macro-F1",
+    "valid_f1": "validation F1",
     "objective": "objective value",
 }
 TEST_METRICS = ((f"{TEST_PREFIX}loss", "loss"), (f"{TEST_PREFIX}accuracy", "accuracy"),
-                (f"{TEST_PREFIX}macro_f1", "macro-F1"))
+                (f"{TEST_PREFIX}macro_f1", "macro-F1"), (f"{TEST_PREFIX}f1", "F1"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +64,8 @@ class ReportData:
 
     @property
     def metric_label(self) -> str:
-        return METRIC_LABELS[self.metric]
+        # a metric of the user's own (``valid_mae``) is labelled by its name
+        return METRIC_LABELS.get(self.metric) or f"validation {self.metric.removeprefix('valid_')}"
 
     def finished(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=FINISHED)

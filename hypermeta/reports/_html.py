@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from hypermeta import _storage
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, directory_name, new_directories, staged_directory
+from hypermeta._records import HYPERPARAMETERS, STUDY_WARM_START, TEST_PREFIX
 from hypermeta.reports import _figures
 from hypermeta.reports._data import TEST_METRICS, ReportData, load_report_data
 
@@ -228,7 +229,7 @@ def _study_page(data: ReportData, figures) -> str:
 
 
 def _warm_start(data: ReportData) -> str:
-    warm = data.study.user_attrs.get("warm_start")
+    warm = data.study.user_attrs.get(STUDY_WARM_START)
     if not warm:
         return ""
     values = ", ".join(f"{k} = {_format(v)}" for k, v in warm["values"].items())
@@ -242,8 +243,12 @@ def _best_section(data: ReportData) -> str:
     if data.best_trial is None:
         return '<p class="note">No trial has completed yet (all finished trials were pruned or diverged).</p>'
     best = data.study.best_trial
-    hyper = best.user_attrs.get("hyperparameters", {})
-    tests = [(label, best.user_attrs[key]) for key, label in TEST_METRICS if key in best.user_attrs]
+    hyper = best.user_attrs.get(HYPERPARAMETERS, {})
+    known = dict(TEST_METRICS)
+    tests = [(label, best.user_attrs[key]) for key, label in TEST_METRICS if key in best.user_attrs] + [
+        (key.removeprefix(TEST_PREFIX), value) for key, value in best.user_attrs.items()
+        if key.startswith(TEST_PREFIX) and key not in known
+    ]
     return (
         f"<p>Trial <strong>#{best.number}</strong>: final {_e(data.metric_label)} "
         f"<strong>{_e(_format(best.value))}</strong>.</p>\n<div class=\"cards\">"

@@ -302,3 +302,38 @@ def test_a_directory_that_is_not_this_studys_report_is_left_alone(stored, tmp_pa
     assert "choose another --out DIR" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert (out / "notes.txt").read_text() == "mine" and not (out / "index.html").exists()
+
+
+REGRESSION_STUDY = """
+import torch
+import torch.nn.functional as F
+import hypermeta
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(120, 3, generator=g)
+y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+DATA = hypermeta.Dataset(train=hypermeta.Split(x[:80], y[:80]), valid=hypermeta.Split(x[80:100], y[80:100]),
+                         test=hypermeta.Split(x[100:], y[100:]))
+
+
+def build(trial):
+    return hypermeta.Setup(
+        model=torch.nn.Linear(3, 1), data=DATA, steps=40, batch_size=16, loss_fn=F.mse_loss,
+        metrics={"mae": lambda output, target: (output - target).abs().mean()},
+        learning_rate=hypermeta.LearningRate(init=(0.01, 0.1)), hypergradient=hypermeta.Hypergradient(horizon=10),
+    )
+
+
+study = hypermeta.Study(name="regression", build=build, metric="valid_mae", direction="minimize", n_trials=2)
+"""
+
+
+def test_a_study_with_a_metric_of_its_own_is_reported_with_its_name(tmp_path):
+    (tmp_path / "regression.py").write_text(REGRESSION_STUDY)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert main(["run", str(tmp_path / "regression.py"), "--storage", url, "--quiet"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "regression", "--storage", url, "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "final validation mae" in page
+    assert ">mae<" in page.split("Test metrics")[1].split("</div>")[0]
