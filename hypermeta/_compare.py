@@ -29,7 +29,6 @@ import torch
 from matplotlib.figure import Figure
 
 from hypermeta._errors import UsageError
-from hypermeta._metrics import evaluate
 from hypermeta._private.files import check_target, staged_directory
 from hypermeta._records import FAIL_REASON
 from hypermeta._runner import TrialRunner
@@ -130,7 +129,7 @@ def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict
         on_evaluation=lambda step, metrics: time.perf_counter() >= stop_at,
     )
     value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan
-    test = evaluate(result.model, setup.data.test.to(device), setup.loss_fn)
+    test = setup.test_metrics(result, device=device, seed=seed * 10_000)
     return [{
         "trial": 0, "state": "COMPLETE" if math.isfinite(value) else "FAIL", "value": value,
         "steps": result.steps, "seconds": time.perf_counter() - started,
