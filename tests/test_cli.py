@@ -6,8 +6,10 @@ import io
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -486,3 +488,20 @@ def test_unwritable_artifacts_write_nothing_to_postgresql(bad_files, postgres_ur
     result = cli("run", bad_files / "good.py", "--storage", postgres_url, "--artifacts", "/proc/x", "--quiet")
     assert_usage_error(result, "cannot write to artifact store /proc/x", "--artifacts DIR")
     assert sqlalchemy.inspect(sqlalchemy.create_engine(postgres_url)).get_table_names() == []
+
+
+def test_ctrl_c_while_the_libraries_load_ends_quietly(tmp_path):
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "hypermeta"]
+    assert script.value == "hypermeta._main:main"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hypermeta._main import main; sys.exit(main())", "studies"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.5)  # torch, Optuna and pandas take seconds to load
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert out == "" and err == "hypermeta: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
