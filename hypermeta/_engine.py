@@ -20,12 +20,13 @@ from hypermeta._data import Batches, Dataset
 from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDecay
 from hypermeta._metrics import evaluate
 from hypermeta._private import diffopt
+from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
 
-_ESTIMATORS = {"unrolled": unrolled_window, "greedy": greedy_window}
+_ESTIMATORS = {"unrolled": unrolled_window, "first_order": first_order_window, "greedy": greedy_window}
 _META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
@@ -40,8 +41,10 @@ class Hypergradient:
     """How the differentiable hyperparameters are adapted during training.
 
     Args:
-        estimator: ``"unrolled"`` (truncated reverse mode through ``horizon`` steps with
-            ``higher``) or ``"greedy"`` (first-order, Baydin et al. 2018; almost free).
+        estimator: ``"unrolled"`` (exact: truncated reverse mode through ``horizon`` steps with
+            ``higher``), ``"first_order"`` (forward mode through the optimizer state, training
+            Hessian dropped) or ``"greedy"`` (Baydin et al. 2018: optimizer state also held
+            fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step. Short horizons make the learned learning
             rate collapse (short-horizon bias); the default 20 is the shortest that held the
             rate near the best fixed one in ``benchmarks/short_horizon.py``.
