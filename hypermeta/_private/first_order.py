@@ -17,6 +17,7 @@ segment the window touches plus one for weight decay.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -63,91 +64,103 @@ def first_order_window(run, start: int, n_steps: int) -> Window:
 
 
 class _Tangents:
-    """d(weights)/d(log value) and d(optimizer state)/d(log value), a stacked tensor per parameter."""
+    """d(weights)/d(log value) and d(optimizer state)/d(log value), a stacked tensor per parameter.
+
+    The arithmetic is ``torch._foreach_*`` over every parameter at once (per-parameter Python
+    would cost as much as the training step on a small model). Momentum, dampening, Nesterov and
+    the betas are read from the first group: ``train()`` gives every group the same options.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, rows: int, *, with_state: bool) -> None:
         """``with_state``: whether the state depends on the values (only through weight decay)."""
         self.optimizer = optimizer
         self.rows = rows
         self.adam = isinstance(optimizer, torch.optim.Adam)
-        self.weights = _zeros_like(optimizer, rows)
-        self.moments = _zeros_like(optimizer, rows) if with_state else None
-        self.squares = _zeros_like(optimizer, rows) if with_state and self.adam else None
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.groups = [group for group in optimizer.param_groups for _ in group["params"]]
+        self.weights = self._zeros()
+        self.moments = self._zeros() if with_state else None
+        self.squares = self._zeros() if with_state and self.adam else None
+
+    def _zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros((self.rows, *p.shape), dtype=p.dtype, device=p.device) for p in self.params]
 
     @torch.no_grad()
     def step(self, *, lr_row: int, wd_row: int | None) -> None:
         """Take the optimizer's step and carry the tangents through it; gradients are in ``.grad``."""
-        groups = self.optimizer.param_groups
-        before = [
-            [(position, p, _regularized(p, group), self._fresh(p))
-             for position, p in enumerate(group["params"]) if p.grad is not None]
-            for group in groups
-        ]
+        active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params, groups = [self.params[i] for i in active], [self.groups[i] for i in active]
+        grads, lrs = [p.grad for p in params], [group["lr"] for group in groups]
+        decays = [group["weight_decay"] for group in groups]
+        decay = torch._foreach_mul(params, decays) if wd_row is not None else None  # wd * weight before the step
+        directions = grads if decay is None else torch._foreach_add(grads, decay)  # what the optimizer follows
+        fresh = [not self.adam and self.optimizer.state.get(p, {}).get("momentum_buffer") is None for p in params]
         self.optimizer.step()
+        weights = [self.weights[i] for i in active]
+        d_directions = None
+        if decay is not None:
+            d_directions = torch._foreach_mul(weights, decays)
+            torch._foreach_add_([d[wd_row] for d in d_directions], decay)
         carry = self._adam if self.adam else self._sgd
-        for index, (group, params) in enumerate(zip(groups, before, strict=True)):
-            for position, p, direction, fresh in params:
-                weights = self.weights[index][position]
-                d_direction = None
-                if wd_row is not None:  # tangent of the regularized gradient grad + wd * weight
-                    d_direction = weights * group["weight_decay"]
-                    d_direction[wd_row] += direction - p.grad
-                carry(group, (index, position), p, direction, d_direction, fresh, weights[lr_row])
+        updates, d_updates = carry(active, params, directions, d_directions, fresh)
+        if d_updates is not None:
+            torch._foreach_sub_(weights, torch._foreach_mul(d_updates, lrs))
+        torch._foreach_sub_([w[lr_row] for w in weights], torch._foreach_mul(updates, lrs))
 
-    def _fresh(self, p: torch.Tensor) -> bool:
-        """Whether this step starts SGD's momentum buffer (``torch.optim`` sets it to the gradient)."""
-        return not self.adam and self.optimizer.state.get(p, {}).get("momentum_buffer") is None
+    def _sgd(self, active, params, directions, d_directions, fresh):
+        """The step ``-lr * update`` and the update's tangent (``None``: zero)."""
+        group = self.optimizer.param_groups[0]
+        momentum = group["momentum"]
+        if not momentum:
+            return directions, d_directions
+        buffers = [self.optimizer.state[p]["momentum_buffer"] for p in params]
+        updates = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else buffers
+        if d_directions is None:
+            return updates, None
+        moments = [self.moments[i] for i in active]
+        for moment, d_direction, new in zip(moments, d_directions, fresh, strict=True):
+            if new:  # torch.optim starts the buffer at the gradient, undamped
+                moment.copy_(d_direction)
+        kept = [(m, d) for m, d, new in zip(moments, d_directions, fresh, strict=True) if not new]
+        if kept:
+            torch._foreach_mul_([m for m, _ in kept], momentum)
+            torch._foreach_add_([m for m, _ in kept], [d for _, d in kept], alpha=1 - group["dampening"])
+        if group["nesterov"]:
+            return updates, torch._foreach_add(d_directions, moments, alpha=momentum)
+        return updates, moments
 
-    def _sgd(self, group, at, p, direction, d_direction, fresh, lr_weights) -> None:
-        lr, momentum = group["lr"], group["momentum"]
-        index, position = at
-        weights = self.weights[index][position]
-        if momentum:
-            buffer = self.optimizer.state[p]["momentum_buffer"]
-            update = direction + momentum * buffer if group["nesterov"] else buffer
-            if d_direction is not None:
-                moment = self.moments[index][position]
-                if fresh:
-                    moment.copy_(d_direction)
-                else:
-                    moment.mul_(momentum).add_(d_direction, alpha=1 - group["dampening"])
-                d_direction = d_direction.add(moment, alpha=momentum) if group["nesterov"] else moment
-        else:
-            update = direction
-        if d_direction is not None:
-            weights.sub_(d_direction, alpha=lr)
-        lr_weights.sub_(update, alpha=lr)
-
-    def _adam(self, group, at, p, direction, d_direction, fresh, lr_weights) -> None:
-        index, position = at
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        state = self.optimizer.state[p]
-        step = float(state["step"])
-        bias1, bias2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
-        exp_avg, root = state["exp_avg"], state["exp_avg_sq"].sqrt()
-        denom = (root / bias2_sqrt).add_(eps).mul_(bias1)  # times bias1: the step is lr * exp_avg / this
-        update = exp_avg / denom
-        if d_direction is not None:
-            weights = self.weights[index][position]
-            moment, square = self.moments[index][position], self.squares[index][position]
-            moment.mul_(beta1).add_(d_direction, alpha=1 - beta1)
-            square.mul_(beta2).add_(d_direction * direction, alpha=2 * (1 - beta2))
-            # d denom = d sqrt(exp_avg_sq) * bias1 / bias2_sqrt, and d sqrt(v) = dv / (2 sqrt(v)), 0 at v = 0.
-            d_root_factor = torch.where(root > 0, (bias1 / bias2_sqrt / 2) / root, 0.0)
-            weights.sub_((moment - update * square * d_root_factor) / denom, alpha=lr)
-        lr_weights.sub_(update, alpha=lr)
-
-
-def _regularized(p: torch.Tensor, group: dict) -> torch.Tensor:
-    """The gradient the optimizer uses, ``grad + wd * weight``, with the weight before the step."""
-    return p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+    def _adam(self, active, params, directions, d_directions, fresh):
+        group = self.optimizer.param_groups[0]
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        states = [self.optimizer.state[p] for p in params]
+        steps = [float(state["step"]) for state in states]
+        bias1 = [1 - beta1**step for step in steps]
+        bias2_sqrt = [math.sqrt(1 - beta2**step) for step in steps]
+        roots = torch._foreach_sqrt([state["exp_avg_sq"] for state in states])
+        denoms = torch._foreach_div(roots, bias2_sqrt)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_mul_(denoms, bias1)  # times bias1: the step is lr * exp_avg / this
+        updates = torch._foreach_div([state["exp_avg"] for state in states], denoms)
+        if d_directions is None:
+            return updates, None
+        moments, squares = [self.moments[i] for i in active], [self.squares[i] for i in active]
+        torch._foreach_mul_(moments, beta1)
+        torch._foreach_add_(moments, d_directions, alpha=1 - beta1)
+        torch._foreach_mul_(squares, beta2)
+        torch._foreach_add_(squares, _times(d_directions, directions), alpha=2 * (1 - beta2))
+        # d denom = d sqrt(exp_avg_sq) * bias1 / bias2_sqrt, and d sqrt(v) = dv / (2 sqrt(v)), 0 at v = 0.
+        factors = [
+            torch.where(root > 0, update * (b1 / b2 / 2) / root, 0.0)
+            for root, update, b1, b2 in zip(roots, updates, bias1, bias2_sqrt, strict=True)
+        ]
+        d_updates = torch._foreach_sub(moments, _times(squares, factors))
+        return updates, _times(d_updates, denoms, divide=True)
 
 
-def _zeros_like(optimizer: torch.optim.Optimizer, rows: int) -> list[list[torch.Tensor]]:
-    return [
-        [torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device) for p in group["params"]]
-        for group in optimizer.param_groups
-    ]
+def _times(stacked: list[torch.Tensor], factors: list[torch.Tensor], *, divide: bool = False) -> list[torch.Tensor]:
+    """Each stacked tangent (rows, *shape) times (or over) its parameter-shaped factor."""
+    expanded = [f.expand_as(t) for t, f in zip(stacked, factors, strict=True)]
+    return torch._foreach_div(stacked, expanded) if divide else torch._foreach_mul(stacked, expanded)
 
 
 def _slots(n_values: int):
@@ -157,15 +170,13 @@ def _slots(n_values: int):
 
 def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The validation loss and, per group, <validation gradient, tangent> for every row."""
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     x, y = run.valid_batches.next()
     loss = run.loss_fn(run.model(x), y)
-    grads = iter(torch.autograd.grad(loss, params, allow_unused=True))
+    grads = iter(zip(torch.autograd.grad(loss, tangents.params, allow_unused=True), tangents.weights, strict=True))
     per_row = []
-    for weights in tangents.weights:
+    for group in run.optimizer.param_groups:
         sums = torch.zeros(tangents.rows, dtype=loss.dtype, device=loss.device)
-        for tangent in weights:
-            grad = next(grads)
+        for grad, tangent in itertools.islice(grads, len(group["params"])):
             if grad is not None:
                 sums += tangent.flatten(1) @ grad.flatten()
         per_row.append(sums)
