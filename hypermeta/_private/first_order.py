@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from hypermeta._private.greedy import _slots
 from hypermeta._private.plain import restore, set_values, snapshot
 from hypermeta._private.window import Window, nothing
 
@@ -161,11 +162,6 @@ def _times(stacked: list[torch.Tensor], factors: list[torch.Tensor], *, divide: 
     """Each stacked tangent (rows, *shape) times (or over) its parameter-shaped factor."""
     expanded = [f.expand_as(t) for t, f in zip(stacked, factors, strict=True)]
     return torch._foreach_div(stacked, expanded) if divide else torch._foreach_mul(stacked, expanded)
-
-
-def _slots(n_values: int):
-    """Which value of a hyperparameter a parameter group uses: its own, or the shared one."""
-    return (lambda group: group) if n_values > 1 else (lambda group: 0)
 
 
 def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, list[torch.Tensor]]:
