@@ -25,8 +25,18 @@ builds); the table reports the bytes of the distinct storages behind them
 (``untyped_storage().nbytes()``, each storage counted once), in MiB. That is what the graph
 keeps alive until the reverse pass; it excludes the model's own weights and optimizer state.
 
+End to end: the same ``hypermeta.train`` call (the digits MLP of ``studies/digits_mlp.py``, 600
+steps, and the MNIST-1D CNN of ``studies/mnist1d_cnn.py``, 400 steps, per-layer learning rates and
+weight decay) with the default ``Hypergradient()``, with each estimator at its defaults otherwise,
+and with ``hypergradient=None``; and a hand-written ``torch.optim`` loop over the same batches that
+evaluates on the validation split as often as ``train()`` does (at the start and every
+``eval_every`` steps). Runs of all modes are interleaved in a rotating order; the ratios are
+medians over repeats of ``time(mode) / time(train without hypergradients)`` in the same repeat,
+and ``train()`` without hypergradients over the hand loop.
+
 Run ``python benchmarks/overhead.py`` (``--quick`` for a faster, noisier variant;
-``--profile`` to print a cProfile of the unrolled hyper-step for the MLP at K = 10 instead).
+``--profile`` to print a cProfile of the unrolled hyper-step for the MLP at K = 10 instead;
+``--end-to-end-only`` / ``--per-step-only`` for one of the two tables).
 """
 
 from __future__ import annotations
@@ -47,11 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypermeta
-from hypermeta._data import Dataset
-from hypermeta._engine import Hypergradient, _MetaStep, _Run, build_run
+from hypermeta._data import Batches, Dataset
+from hypermeta._engine import _ESTIMATORS, _PLAIN_WINDOW, Hypergradient, _MetaStep, _Run, build_run, parameter_groups
 from hypermeta._hyperparameters import LearningRate
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
+from studies.mnist1d_cnn import cnn
 
 MODELS = ("mlp", "cnn")
 HORIZONS = (1, 10, 50)
@@ -70,13 +81,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps-per-sample", type=int, help="inner steps per timed sample (80; 20 with --quick)"
     )
-    parser.add_argument("--valid-batch-size", type=int, help="default: the whole split")
+    parser.add_argument(
+        "--valid-batch-size", type=int,
+        help="per step: instead of the whole split; end to end: every estimator also with this subsample",
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="inner learning rate (0.05)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the unrolled hyper-step (MLP, K = 10)"
     )
+    parser.add_argument("--end-to-end-only", action="store_true", help="only the train() table")
+    parser.add_argument("--per-step-only", action="store_true", help="only the hyper-step table")
+    parser.add_argument("--end-to-end-repeats", type=int, help="runs per mode end to end (5; 3 with --quick)")
     args = parser.parse_args(argv)
+    args.end_to_end_repeats = args.end_to_end_repeats or (3 if args.quick else 5)
     args.repeats = args.repeats or (3 if args.quick else 9)
     args.steps_per_sample = args.steps_per_sample or (20 if args.quick else 80)
     return args
@@ -217,6 +235,112 @@ def profile(data: Dataset, args: argparse.Namespace, n_windows: int = 30) -> Non
     stats.sort_stats("tottime").print_stats(20)
 
 
+END_TO_END = {  # model, dataset, train() arguments: the committed studies' set-ups at one point of their ranges
+    "digits mlp": dict(
+        steps=600, batch_size=32, optimizer="sgd", optimizer_options={"momentum": 0.9},
+        learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
+        weight_decay=hypermeta.WeightDecay(init=1e-4),
+    ),
+    "mnist1d cnn": dict(
+        steps=400, batch_size=100, optimizer="adam",
+        learning_rate=hypermeta.LearningRate(init=1e-2, scope="per_group"),
+        weight_decay=hypermeta.WeightDecay(init=3e-4, scope="per_group"),
+    ),
+}
+E2E_TARGETS = {"default": 1.5, "unrolled": 2.5}
+
+
+def end_to_end_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "digits mlp":
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    return cnn(64)
+
+
+def end_to_end_data(name: str, seed: int) -> Dataset:
+    return hypermeta.datasets.digits(seed=seed) if name == "digits mlp" else hypermeta.datasets.mnist1d(seed=seed)
+
+
+def hand_loop(model: nn.Module, data: Dataset, settings: dict, eval_every: int, seed: int) -> None:
+    """What a user writes with ``torch.optim``: one group per layer, the same batches and evaluations."""
+    options = {"lr": settings["learning_rate"].init, "weight_decay": settings["weight_decay"].init}
+    groups = [{"params": params} for params in parameter_groups(model).values()]
+    cls = torch.optim.SGD if settings["optimizer"] == "sgd" else torch.optim.Adam
+    optimizer = cls(groups, **options, **settings.get("optimizer_options", {}))
+    batches = Batches(data.train, batch_size=settings["batch_size"], generator=torch.Generator().manual_seed(seed))
+    hypermeta.evaluate(model, data.valid, F.cross_entropy)
+    for step in range(1, settings["steps"] + 1):
+        x, y = batches.next()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == settings["steps"]:
+            hypermeta.evaluate(model, data.valid, F.cross_entropy)
+
+
+def end_to_end_modes(name: str, seed: int, valid_batch_size: int | None = None) -> dict[str, Callable[[], None]]:
+    """A fresh run of every mode, from the same initial model, as a function of nothing."""
+    data, settings = end_to_end_data(name, seed), END_TO_END[name]
+    steps = settings["steps"]
+
+    def train(hypergradient):
+        return lambda: hypermeta.train(
+            end_to_end_model(name, seed), data=data, seed=seed, hypergradient=hypergradient, **settings
+        )
+
+    plain_every = _PLAIN_WINDOW * max(1, steps // (10 * _PLAIN_WINDOW))  # train()'s default cadence
+    modes = {
+        "hand loop": lambda: hand_loop(end_to_end_model(name, seed), data, settings, plain_every, seed),
+        "plain": train(None),
+        "default": train(Hypergradient()),
+    }
+    modes.update({estimator: train(Hypergradient(estimator=estimator)) for estimator in _ESTIMATORS})
+    if valid_batch_size:
+        modes.update({
+            f"{estimator} valid {valid_batch_size}": train(
+                Hypergradient(estimator=estimator, valid_batch_size=valid_batch_size)
+            )
+            for estimator in _ESTIMATORS
+        })
+    return modes
+
+
+def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
+    modes = end_to_end_modes(name, args.seed, args.valid_batch_size)
+    order = list(modes)
+    for run in modes.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for repeat in range(args.end_to_end_repeats):
+        shift = repeat % len(order)
+        for mode in order[shift:] + order[:shift]:
+            start = time.perf_counter()
+            modes[mode]()
+            times[mode].append(time.perf_counter() - start)
+    ratios = {
+        mode: statistics.median(t / p for t, p in zip(times[mode], times["plain"], strict=True))
+        for mode in modes if mode not in ("plain", "hand loop")
+    }
+    plain_over_hand = statistics.median(p / h for p, h in zip(times["plain"], times["hand loop"], strict=True))
+    return {"model": name, **ratios, "plain / hand loop": plain_over_hand, "plain_s": statistics.median(times["plain"])}
+
+
+def print_end_to_end(rows: list[dict]) -> None:
+    estimators = [key for key in rows[0] if key not in ("model", "plain / hand loop", "plain_s")]
+    print(f"default Hypergradient(): estimator={Hypergradient().estimator!r}, horizon={Hypergradient().horizon}, "
+          f"valid_batch_size={Hypergradient().valid_batch_size}\n")
+    print("| model | " + " | ".join(f"{e} / plain" for e in estimators)
+          + " | plain train() / hand loop | plain train() s |")
+    print("|---|" + "---:|" * (len(estimators) + 2))
+    for row in rows:
+        cells = " | ".join(f"{row[e]:.2f}x" for e in estimators)
+        print(f"| {row['model']} | {cells} | {row['plain / hand loop']:.2f}x | {row['plain_s']:.2f} |")
+    print()
+    for mode, target in (*E2E_TARGETS.items(), ("plain / hand loop", 1.1)):
+        missed = [f"{row['model']} ({row[mode]:.2f}x)" for row in rows if row[mode] > target]
+        print(f"- {mode} <= {target}x end to end: " + ("met" if not missed else "NOT met for " + ", ".join(missed)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -230,9 +354,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile(data, args)
         return
-    rows = [measure(name, k, data, args) for name in args.models for k in args.horizons]
-    print_table(rows)
-    print_targets(rows)
+    if not args.end_to_end_only:
+        rows = [measure(name, k, data, args) for name in args.models for k in args.horizons]
+        print_table(rows)
+        print_targets(rows)
+        print()
+    if not args.per_step_only:
+        print(f"End to end, {args.end_to_end_repeats} interleaved repeats, ratios to train(hypergradient=None):\n")
+        print_end_to_end([measure_end_to_end(name, args) for name in END_TO_END])
 
 
 if __name__ == "__main__":

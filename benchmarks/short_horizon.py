@@ -7,13 +7,16 @@ meta_lr = 0.01 * K (Adam in log space), so the rate could move by the same amoun
 
 Printed per run: the final learned rate over the best fixed rate (1.0 = found it; << 1 = the
 rate collapsed), the smallest rate on the way, and the final validation loss, median over seeds.
+The row "default" is ``Hypergradient()`` with only its meta learning rate set as above.
 
-    python benchmarks/short_horizon.py [--seeds 3]
+    python benchmarks/short_horizon.py [--seeds 3] [--runs default unrolled:20 first_order:20 ...]
+        [--valid-batch-size N]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 
@@ -22,8 +25,8 @@ import torch
 import hypermeta
 
 GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
-RUNS = (("greedy", 1), ("greedy", 10), ("greedy", 50), ("unrolled", 1), ("unrolled", 10),
-        ("unrolled", 20), ("unrolled", 50))
+RUNS = ("default", "greedy:1", "greedy:10", "greedy:50", "first_order:10", "first_order:20", "first_order:50",
+        "unrolled:1", "unrolled:10", "unrolled:20", "unrolled:50")
 
 
 def _train(data, lr: float, seed: int, hypergradient=None) -> hypermeta.TrainResult:
@@ -39,14 +42,25 @@ def _final_valid_loss(result: hypermeta.TrainResult) -> float:
     return float(result.evaluations["valid_loss"].iloc[-1])
 
 
+def _spec(run: str, valid_batch_size: int | None) -> hypermeta.Hypergradient:
+    """``Hypergradient`` for ``"estimator:K"``, or the default one, with meta_lr = 0.01 K."""
+    options = {} if valid_batch_size is None else {"valid_batch_size": valid_batch_size}
+    if run == "default":
+        return hypermeta.Hypergradient(meta_lr=0.01 * hypermeta.Hypergradient().horizon, **options)
+    estimator, horizon = run.split(":")
+    return hypermeta.Hypergradient(estimator=estimator, horizon=int(horizon), meta_lr=0.01 * int(horizon), **options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), help="estimator:K or 'default' (all of them)")
+    parser.add_argument("--valid-batch-size", type=int, help="Hypergradient(valid_batch_size=...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = range(args.seeds)
     data = hypermeta.datasets.digits()
-    print(f"$ python benchmarks/short_horizon.py --seeds {args.seeds}\n")
+    print("$ " + shlex.join(["python", *sys.argv]) + "\n")
 
     fixed = {lr: statistics.median(_final_valid_loss(_train(data, lr, s)) for s in seeds) for lr in GRID}
     best = min(fixed, key=fixed.get)
@@ -57,8 +71,10 @@ def main() -> None:
     print("\n| start lr | estimator | K | meta lr | final lr / best | min lr / best | valid loss |")
     print("|---|---|---|---|---|---|---|")
     for start in (best, best / 10):
-        for estimator, horizon in RUNS:
-            spec = hypermeta.Hypergradient(estimator=estimator, horizon=horizon, meta_lr=0.01 * horizon)
+        for run in args.runs:
+            spec = _spec(run, args.valid_batch_size)
+            estimator = f"default ({spec.estimator})" if run == "default" else spec.estimator
+            horizon = spec.horizon
             finals, lows, losses = [], [], []
             for seed in seeds:
                 result = _train(data, start, seed, spec)

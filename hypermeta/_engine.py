@@ -20,6 +20,7 @@ from hypermeta._data import Batches, Dataset, JoinedBatches, LoaderBatches, Load
 from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDecay
 from hypermeta._metrics import Metric, evaluate, fit_problem
 from hypermeta._private import diffopt
+from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.handoff import Handoff, LossModule, picked
 from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
@@ -27,7 +28,7 @@ from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
 from hypermeta._records import TRAJECTORY_COLUMNS
 
-_ESTIMATORS = {"unrolled": unrolled_window, "greedy": greedy_window}
+_ESTIMATORS = {"unrolled": unrolled_window, "first_order": first_order_window, "greedy": greedy_window}
 _META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
@@ -39,18 +40,24 @@ class Hypergradient:
     """How the differentiable hyperparameters are adapted during training.
 
     Args:
-        estimator: ``"unrolled"`` (truncated reverse mode through ``horizon`` steps with
-            ``higher``) or ``"greedy"`` (first-order, Baydin et al. 2018; almost free).
+        estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
+            tangents through the weights and the optimizer state, training Hessian dropped;
+            about 1.3-1.5x plain training end to end), ``"unrolled"`` (exact: truncated reverse
+            mode through ``horizon`` steps with ``higher``; about 2.5-3x) or ``"greedy"`` (Baydin
+            et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step. Short horizons make the learned learning
-            rate collapse (short-horizon bias); the default 20 is the shortest that held the
-            rate near the best fixed one in ``benchmarks/short_horizon.py``.
+            rate collapse (short-horizon bias); at 20 neither the first-order nor the unrolled
+            estimate collapsed the rate in ``benchmarks/short_horizon.py``.
         meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
             Optuna to choose it from in each trial of a study (with Adam, 0.2 moves a value
             by at most about 20% per hyper-step). Keep ``meta_lr / horizon`` fixed when changing
             the horizon to keep the total movement the same.
         meta_optimizer: ``"adam"`` or ``"sgd"``.
         max_failures: consecutive rejected hyper-steps (NaN/inf) before the run stops.
-        valid_batch_size: validation examples per hypergradient; ``None`` uses the whole split.
+        valid_batch_size: validation examples per hypergradient, a fresh random subsample each
+            hyper-step (the whole split when it is smaller); ``None`` uses the whole split. 256
+            costs a quarter of MNIST-1D's 1,000-example split and moved the learned rates no
+            further than the whole split in ``benchmarks/short_horizon.py``.
         carry_segments: when a learning-rate schedule segment begins, start it as far (in log
             space) from its own starting value as the previous segment has moved from its own, so
             the schedule keeps what hypergradients learned instead of jumping back to ``init``.
@@ -65,12 +72,12 @@ class Hypergradient:
         5
     """
 
-    estimator: str = "unrolled"
+    estimator: str = "first_order"
     horizon: int = 20
     meta_lr: float | tuple[float, float] = 0.2
     meta_optimizer: str = "adam"
     max_failures: int = 5
-    valid_batch_size: int | None = None
+    valid_batch_size: int | None = 256
     carry_segments: bool = True
     valid_batches: int | None = None
 

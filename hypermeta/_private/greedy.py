@@ -27,7 +27,8 @@ def greedy_window(run, start: int, n_steps: int) -> Window:
     train_losses = []
     for step in range(start, start + n_steps):
         before = None if _lr_direction_in_state(optimizer) else [torch._foreach_mul(p, 1.0) for p in groups]
-        had_state = wd_slot and [[bool(optimizer.state.get(p)) for p in params] for params in groups]
+        # Looked up by the optimizer's own parameters: the detached copies in ``groups`` are not its keys.
+        had_state = wd_slot and [[bool(optimizer.state.get(p)) for p in g["params"]] for g in optimizer.param_groups]
         train_losses.append(plain_step(model, optimizer, hyper, run.loss_fn, run.train_batches.next(), step))
         segment = hyper.segment(step)
         for index, (group, params) in enumerate(zip(optimizer.param_groups, groups, strict=True)):

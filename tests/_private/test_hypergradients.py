@@ -3,6 +3,8 @@
 Each case starts a window from the same state -- weights and optimizer state after a few plain
 steps, so momentum and Adam moments are already non-zero -- and compares the estimator's
 d(valid loss)/d(log value) with (L(h + eps) - L(h - eps)) / (2 eps) for every scalar entry.
+Through one step every estimator is exact; through many, the first-order one must point where the
+exact unroll (itself checked against finite differences) points.
 """
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import hypermeta
 from hypermeta._engine import build_run
+from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
@@ -17,6 +20,16 @@ from tests.conftest import mlp
 
 EPS = 1e-5
 OPTIMIZERS = {"sgd": ({"momentum": 0.9}, 0.05), "adam": ({}, 0.005)}
+# Every option of the inner optimizers, each an (optimizer, options, learning rate) set-up.
+SETUPS = {
+    "sgd": ("sgd", {}, 0.1),
+    "sgd momentum": ("sgd", {"momentum": 0.9}, 0.05),
+    "sgd dampening": ("sgd", {"momentum": 0.9, "dampening": 0.3}, 0.05),
+    "sgd nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}, 0.05),
+    "adam": ("adam", {}, 0.005),
+    "adam betas eps": ("adam", {"betas": (0.8, 0.99), "eps": 1e-4}, 0.005),
+}
+ESTIMATORS = {"unrolled": unrolled_window, "greedy": greedy_window, "first_order": first_order_window}
 
 
 def _case(name: str, lr: float) -> dict:
@@ -36,10 +49,10 @@ WARMUP = 3
 TOTAL = 12  # with 3 segments of 4 steps, a window over steps 3..8 crosses two boundaries
 
 
-def _run(data, optimizer, case, shift=None):
-    options, lr = OPTIMIZERS[optimizer]
+def _run(data, optimizer, case, shift=None, total=TOTAL):
+    optimizer, options, lr = SETUPS[optimizer]
     run = build_run(
-        mlp(dtype=torch.float64), data=data, steps=TOTAL, batch_size=16, optimizer=optimizer,
+        mlp(dtype=torch.float64), data=data, steps=total, batch_size=16, optimizer=optimizer,
         optimizer_options=options, loss_fn=torch.nn.functional.cross_entropy,
         seed=0, valid_batch_size=64, **_case(case, lr),
     )
@@ -53,6 +66,7 @@ def _run(data, optimizer, case, shift=None):
 
 
 def _finite_differences(data, optimizer, case, window, n_steps):
+    """Of the run that ``window`` trains: the estimators' own plain steps must be the unroll's."""
     reference = _run(data, optimizer, case)
     estimates = []
     for t, tensor in enumerate(reference.hyper.tensors()):
@@ -72,7 +86,7 @@ def _assert_close(estimated, expected):
         assert error <= 1e-4, f"relative error {error:.2e}: {got} vs {want}"
 
 
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", ["sgd momentum", "adam"])
 @pytest.mark.parametrize("case", CASES)
 def test_unrolled_matches_finite_differences(small_digits, optimizer, case):
     n_steps = 6
@@ -81,13 +95,46 @@ def test_unrolled_matches_finite_differences(small_digits, optimizer, case):
     _assert_close(window.hypergradients, expected)
 
 
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("case", ["per-group lr", "per-group weight decay"])
-def test_greedy_one_step_matches_finite_differences(small_digits, optimizer, case):
-    """With K = 1 the first-order estimate is exact: the weights before the step do not depend on it."""
-    window = greedy_window(_run(small_digits, optimizer, case), WARMUP, 1)
-    expected = _finite_differences(small_digits, optimizer, case, greedy_window, 1)
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+@pytest.mark.parametrize("optimizer", sorted(SETUPS))
+@pytest.mark.parametrize("case", CASES)
+def test_one_step_matches_finite_differences(small_digits, estimator, optimizer, case):
+    """With K = 1 every estimate is exact: the weights and state before the step do not depend on it."""
+    window = ESTIMATORS[estimator](_run(small_digits, optimizer, case), WARMUP, 1)
+    expected = _finite_differences(small_digits, optimizer, case, ESTIMATORS[estimator], 1)
     _assert_close(window.hypergradients, expected)
+
+
+LONG = 20
+
+
+def _long_window(data, optimizer, window, case="per-group weight decay"):
+    return window(_run(data, optimizer, case, total=WARMUP + LONG), WARMUP, LONG)
+
+
+@pytest.mark.parametrize("optimizer", sorted(set(SETUPS) - {"sgd"}))
+def test_first_order_points_where_the_unroll_points(small_digits, optimizer):
+    """At K = 20 the first-order estimate keeps what flows through the optimizer state.
+
+    Cosine with the exact unroll over the per-group learning rates and weight decays, for each kind
+    separately.
+    """
+    exact = _long_window(small_digits, optimizer, unrolled_window).hypergradients
+    first_order = _long_window(small_digits, optimizer, first_order_window).hypergradients
+    for kind, want, got in zip(("lr", "weight decay"), exact, first_order, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert cosine >= 0.95, f"{kind}: cosine {cosine:.3f}, first-order {got} vs exact {want}"
+
+
+def test_first_order_is_greedy_without_optimizer_state(small_digits):
+    """Plain SGD without weight decay has nothing to carry: both drop only the training Hessian.
+
+    (With weight decay the first-order estimate also keeps the decay term's own Hessian, wd * I.)
+    """
+    first_order = _long_window(small_digits, "sgd", first_order_window, "per-group lr").hypergradients
+    greedy = _long_window(small_digits, "sgd", greedy_window, "per-group lr").hypergradients
+    for got, want in zip(first_order, greedy, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_unrolled_hypergradient_only_reaches_segments_the_window_used(small_digits):
