@@ -37,7 +37,10 @@ def build(trial):
         optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=(5e-3, 2e-2), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-4, 1e-3), scope="per_group"),
-        hypergradient=hypermeta.Hypergradient(horizon=40, meta_lr=(0.004, 0.06)),
+        # exact unrolls on the whole validation split: the committed results were measured with these
+        hypergradient=hypermeta.Hypergradient(
+            estimator="unrolled", valid_batch_size=None, horizon=40, meta_lr=(0.004, 0.06)
+        ),
     )
 
 

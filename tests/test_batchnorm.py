@@ -38,7 +38,7 @@ def plain_torch(data, steps, lr, options):
     return model
 
 
-@pytest.mark.parametrize("hypergradient", [None, "unrolled"])
+@pytest.mark.parametrize("hypergradient", [None, "unrolled", "first_order", "greedy"])
 def test_meta_lr_zero_over_a_dataloader_is_plain_torch(small_digits, hypergradient):
     """Weights and running statistics equal a torch.optim loop over the same DataLoader batches."""
     steps, lr, options = 17, 0.05, {"momentum": 0.9}
@@ -59,7 +59,7 @@ def test_meta_lr_zero_over_a_dataloader_is_plain_torch(small_digits, hypergradie
     assert int(got["1.num_batches_tracked"]) == steps
 
 
-@pytest.mark.parametrize("hypergradient", [None, "unrolled"])
+@pytest.mark.parametrize("hypergradient", [None, "unrolled", "first_order"])
 def test_guard_restores_running_statistics(small_digits, hypergradient):
     """A window rejected for its loss leaves weights and running statistics as they were before it."""
     model = bn_model()

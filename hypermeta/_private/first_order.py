@@ -23,6 +23,7 @@ import math
 import torch
 
 from hypermeta._private.greedy import _slots
+from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import restore, set_values, snapshot
 from hypermeta._private.window import Window, nothing
 
@@ -167,7 +168,8 @@ def _times(stacked: list[torch.Tensor], factors: list[torch.Tensor], *, divide: 
 def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The validation loss and, per group, <validation gradient, tangent> for every row."""
     x, y = run.valid_batches.next()
-    loss = run.loss_fn(run.model(x), y)
+    with validation_mode(run.model):
+        loss = run.loss_fn(run.model(x), y)
     grads = iter(zip(torch.autograd.grad(loss, tangents.params, allow_unused=True), tangents.weights, strict=True))
     per_row = []
     for group in run.optimizer.param_groups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import plain_step, restore, snapshot
 from hypermeta._private.window import Window, nothing
 
@@ -83,7 +84,8 @@ def _accumulate(directions: dict, key: tuple[int, int], group: int, direction: l
 def _valid_gradient(run, groups) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     x, y = run.valid_batches.next()
-    loss = run.loss_fn(run.model(x), y)
+    with validation_mode(run.model):
+        loss = run.loss_fn(run.model(x), y)
     flat = iter(torch.autograd.grad(loss, params))
     return loss.detach(), [[next(flat) for _ in params] for params in groups]
 

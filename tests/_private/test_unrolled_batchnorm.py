@@ -1,4 +1,4 @@
-"""Unrolled hypergradients of a BatchNorm + Dropout model in train mode against central finite differences (float64).
+"""Hypergradients of a BatchNorm + Dropout model in train mode against central finite differences (float64).
 
 The window trains in train mode (batch statistics, running statistics updated, Dropout masks drawn from
 a seeded generator, the same masks in every evaluation) and takes its validation loss in validation mode.
@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import hypermeta
-from hypermeta._engine import build_run
+from hypermeta._engine import _ESTIMATORS, build_run
 from hypermeta._private.plain import plain_step
-from hypermeta._private.unrolled import unrolled_window
 
 EPS = 1e-5
 WARMUP, N_STEPS = 3, 5
@@ -24,7 +23,7 @@ def bn_model():
     ).double()
 
 
-def window(data, optimizer, shift=None):
+def window(data, optimizer, shift=None, estimator="unrolled", n_steps=N_STEPS):
     options = {"momentum": 0.9} if optimizer == "sgd" else {}
     run = build_run(
         bn_model(), data=data, steps=20, batch_size=16, optimizer=optimizer, optimizer_options=options,
@@ -38,16 +37,18 @@ def window(data, optimizer, shift=None):
         tensor, index, delta = shift
         with torch.no_grad():
             run.hyper.tensors()[tensor].view(-1)[index] += delta
-    return run, unrolled_window(run, WARMUP, N_STEPS)
+    return run, _ESTIMATORS[estimator](run, WARMUP, n_steps)
 
 
+@pytest.mark.parametrize(("estimator", "n_steps"), [("unrolled", N_STEPS), ("first_order", 1), ("greedy", 1)])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_batchnorm_hypergradients_match_finite_differences(small_digits, optimizer):
-    run, estimated = window(small_digits, optimizer)
+def test_batchnorm_hypergradients_match_finite_differences(small_digits, optimizer, estimator, n_steps):
+    """Exact for the unroll; the first-order estimators are exact over one step (K = 1)."""
+    run, estimated = window(small_digits, optimizer, estimator=estimator, n_steps=n_steps)
     for t, tensor in enumerate(run.hyper.tensors()):
         expected = torch.stack([
-            (window(small_digits, optimizer, (t, i, EPS))[1].valid_loss
-             - window(small_digits, optimizer, (t, i, -EPS))[1].valid_loss) / (2 * EPS)
+            (window(small_digits, optimizer, (t, i, EPS), estimator, n_steps)[1].valid_loss
+             - window(small_digits, optimizer, (t, i, -EPS), estimator, n_steps)[1].valid_loss) / (2 * EPS)
             for i in range(tensor.numel())
         ]).view_as(tensor)
         got = estimated.hypergradients[t]
