@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,9 @@ from hypermeta._engine import _ESTIMATORS, _PLAIN_WINDOW, Hypergradient, _MetaSt
 from hypermeta._hyperparameters import LearningRate
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
-from studies.mnist1d_cnn import cnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))  # run as a script from anywhere
+from mnist1d_cnn import cnn  # noqa: E402
 
 MODELS = ("mlp", "cnn")
 HORIZONS = (1, 10, 50)

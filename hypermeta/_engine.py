@@ -23,7 +23,7 @@ from hypermeta._private import diffopt
 from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.handoff import Handoff, LossModule, picked
-from hypermeta._private.plain import load_optimizer_state, optimizer_state, plain_step, restore, snapshot
+from hypermeta._private.plain import load_optimizer_state, optimizer_state, restore, set_values, snapshot, train_step
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window, nothing
 from hypermeta._records import TRAJECTORY_COLUMNS
@@ -43,7 +43,7 @@ class Hypergradient:
         estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
             tangents through the weights and the optimizer state, training Hessian dropped;
             about 1.3-1.5x plain training end to end), ``"unrolled"`` (exact: truncated reverse
-            mode through ``horizon`` steps with ``higher``; about 2.5-3x) or ``"greedy"`` (Baydin
+            mode through ``horizon`` steps with ``higher``; about 2-3x) or ``"greedy"`` (Baydin
             et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step. Short horizons make the learned learning
             rate collapse (short-horizon bias); at 20 neither the first-order nor the unrolled
@@ -632,10 +632,15 @@ class _PlainSteps:
         self.run, self.step = run, start
         self.saved = snapshot(run.model, run.optimizer)
         self.losses = []
+        self.segment = None  # whose values the optimizer holds
 
     def take(self, batch) -> None:
         run = self.run
-        self.losses.append(plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, batch, self.step))
+        segment = run.hyper.segment(self.step)
+        if segment != self.segment:  # values change only between windows and where a schedule segment begins
+            set_values(run.optimizer, run.hyper, self.step)
+            self.segment = segment
+        self.losses.append(train_step(run.model, run.optimizer, run.loss_fn, batch))
         self.step += 1
 
     def window(self) -> Window:

@@ -19,8 +19,13 @@ def set_values(optimizer: torch.optim.Optimizer, hyper: HyperParameters, step: i
 
 
 def plain_step(model, optimizer, hyper, loss_fn, batch, step: int) -> torch.Tensor:
-    """One ordinary training step; returns the detached mini-batch loss."""
+    """One ordinary training step at the values for ``step``; returns the detached mini-batch loss."""
     set_values(optimizer, hyper, step)
+    return train_step(model, optimizer, loss_fn, batch)
+
+
+def train_step(model, optimizer, loss_fn, batch) -> torch.Tensor:
+    """One ordinary training step at the values already in the optimizer's groups."""
     x, y = batch
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
