@@ -157,7 +157,13 @@ def _run_study(args) -> int:
         best = stored.best_trial
         print(f"best trial {best.number}: {study.metric} = {best.value:.4g}")
     target = args.n_trials or study.n_trials
-    if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) < target and counts.get("RUNNING"):
+    finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    if finished < target and counts.get("FAIL") and not counts.get("RUNNING"):
+        print(
+            f"{finished} of the {target} trials finished: failed trials do not count (their reasons are in"
+            f" `hypermeta trials {study.name}`); run again to continue"
+        )
+    if finished < target and counts.get("RUNNING"):
         print(
             f"{counts['RUNNING']} trial(s) still running, counted towards the {target}: other workers', or a killed"
             f" worker's until {_storage.GRACE_PERIOD_S} s after its last heartbeat; run again then to complete them"

@@ -455,6 +455,18 @@ def test_a_run_whose_trials_all_fail_says_why_everywhere_and_exits_1(tmp_path):
     assert optuna.load_study(study_name="broken", storage=url).trials[0].user_attrs["fail_reason"] == reason
 
 
+def test_a_run_with_a_failed_trial_says_the_study_is_short_of_its_target(tmp_path):
+    (tmp_path / "some.py").write_text(FAILING.replace("next(CALLS) > 0", "next(CALLS) == 2").replace(
+        'name="broken"', 'name="some"'))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = cli("run", tmp_path / "some.py", "--quiet", "--storage", url)
+    assert code == 0 and err.startswith("hypermeta: trial 1 failed: ValueError")
+    assert out.splitlines()[-1] == (
+        "1 of the 2 trials finished: failed trials do not count (their reasons are in `hypermeta trials some`);"
+        " run again to continue"
+    )
+
+
 def test_a_deleted_artifact_store_is_reported_by_run_and_readers(tmp_path):
     (tmp_path / "tiny.py").write_text(study_text(steps=20))
     url = f"sqlite:///{tmp_path / 'study.db'}"
