@@ -193,6 +193,7 @@ class HyperOptimizer:
     def _on_run(cls, run: _Run, *, hypergradient, steps, initial_values, loss_limit: float) -> HyperOptimizer:
         """One driven window by window on ``run``'s own batch streams (how :func:`train` uses it)."""
         self = cls.__new__(cls)
+        self._handoff = None  # train() drives whole windows itself
         self._start(run, hypergradient, steps, initial_values)
         self._loss_limit = loss_limit
         return self
@@ -209,6 +210,13 @@ class HyperOptimizer:
         self.steps = 0
         self.rejected_steps = 0
         self.reason: str | None = None
+        self.last_train_loss: torch.Tensor | None = None
+
+    def close(self) -> None:
+        """End a window left unfinished (a loop stopped mid-window): its worker thread stops and
+        nothing of the window is committed. Train no further with this HyperOptimizer afterwards."""
+        if self._handoff is not None:
+            self._handoff.close()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -236,12 +244,18 @@ class HyperOptimizer:
     ) -> torch.Tensor:
         """One training step on ``train_loss(model)``; returns its loss (detached).
 
-        Both arguments are functions of the model returning a scalar loss; within a window
-        the model they get is ``higher``'s differentiable copy of yours, so compute the loss from
-        its output only. ``valid_loss`` is called (with Dropout off) only when a window ends.
+        Both arguments are functions of the model returning a scalar loss; compute the loss from
+        the output of the model they get (with ``estimator="unrolled"``, ``higher``'s
+        differentiable copy of yours). ``valid_loss`` is called (with Dropout off) only when a
+        window ends. They run in a worker thread during a window: set thread-local PyTorch state
+        (autocast, the CUDA device) inside them.
         """
         if self.reason is not None:
             raise Diverged(self.reason)
+        if self._handoff.broken:
+            raise RuntimeError("an earlier step() raised in the middle of a window; start a new HyperOptimizer")
+        if self._total is not None and self.steps >= self._total:
+            raise ValueError(f"all {self._total} steps of this HyperOptimizer are done (its steps=)")
         losses = []
 
         def training(model):
@@ -469,6 +483,8 @@ def train_loop(
         pass
     except Diverged as diverged:
         outcome.end("diverged", str(diverged))
+    finally:
+        hyper.close()
     if not outcome.evaluations:
         raise ValueError("the training loop reported no evaluation: call report({'valid_loss': ...}) at its end")
     return TrainResult(

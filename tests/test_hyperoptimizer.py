@@ -1,5 +1,8 @@
 """HyperOptimizer: hypergradients inside a training loop of the user's own, and train() built on it."""
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +169,55 @@ def test_a_study_with_its_own_loop_is_stored_and_reported_like_any_other(tmp_pat
     assert evaluations["step"].tolist() == [20, 40, 20, 40]
     assert {"valid_loss", "valid_accuracy", "valid_macro_f1"} <= set(evaluations.columns)
     assert any((tmp_path / "r").iterdir())
+
+
+def _worker_threads() -> int:
+    return sum(thread.daemon for thread in threading.enumerate())
+
+
+def _threads_end(expected: int) -> bool:
+    """Whether the worker threads drop to ``expected`` within a few seconds (a thread ends just after its reply)."""
+    deadline = time.monotonic() + 10
+    while _worker_threads() > expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _worker_threads() == expected
+
+
+def test_a_step_beyond_the_steps_given_is_an_error(small_digits):
+    for hypergradient in (None, hypermeta.Hypergradient(horizon=2)):
+        hyper = hypermeta.HyperOptimizer(
+            mlp(), learning_rate=hypermeta.LearningRate(init=0.1), hypergradient=hypergradient, steps=2)
+        x, y = small_digits.train.x.float(), small_digits.train.y
+        for _ in range(2):
+            hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y))  # noqa: B023
+        with pytest.raises(ValueError, match="all 2 steps of this HyperOptimizer are done"):
+            hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y))  # noqa: B023
+
+
+def test_a_loss_that_raises_mid_window_ends_the_window_and_its_thread(small_digits):
+    before = _worker_threads()
+    hyper = hypermeta.HyperOptimizer(
+        mlp(), learning_rate=hypermeta.LearningRate(init=0.1), hypergradient=hypermeta.Hypergradient(horizon=5))
+    x, y = small_digits.train.x.float(), small_digits.train.y
+    hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y))
+
+    def broken(model):
+        raise KeyboardInterrupt  # as an interrupt would, in the middle of the window
+
+    with pytest.raises(KeyboardInterrupt):
+        hyper.step(broken, lambda m: F.cross_entropy(m(x), y))
+    assert _threads_end(before)
+    with pytest.raises(RuntimeError, match="start a new HyperOptimizer"):
+        hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y))
+
+
+def test_closing_a_loop_stopped_mid_window_ends_its_thread(small_digits):
+    before = _worker_threads()
+    hyper = hypermeta.HyperOptimizer(
+        mlp(), learning_rate=hypermeta.LearningRate(init=0.1), hypergradient=hypermeta.Hypergradient(horizon=5))
+    x, y = small_digits.train.x.float(), small_digits.train.y
+    for _ in range(3):
+        hyper.step(lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y))
+    assert _worker_threads() == before + 1
+    hyper.close()
+    assert _threads_end(before) and hyper.steps == 0  # nothing of the window was committed

@@ -49,6 +49,7 @@ class Handoff:
         self.train_batches = _Pull(self, "train")
         self.valid_batches = _Pull(self, "valid")
         self.running = False
+        self.broken = False
 
     def start(self, window: Callable[[], object]) -> None:
         self.running = True
@@ -56,13 +57,31 @@ class Handoff:
         self._reply()  # the worker asks for its first step (or fails before)
 
     def feed(self, train_batch, valid_batch):
-        """One step of the running window; its result if the window ended with this step, else ``None``."""
-        self._to_worker.put(train_batch)
-        kind, value = self._reply()
-        if kind == "valid":
-            self._to_worker.put(valid_batch)
+        """One step of the running window; its result if the window ended with this step, else ``None``.
+
+        Anything raised meanwhile (by the user's loss in the worker, or an interrupt in the caller)
+        leaves the window unfinished: it is stopped, and the handoff is ``broken`` from then on.
+        """
+        try:
+            self._to_worker.put(train_batch)
             kind, value = self._reply()
+            if kind == "valid":
+                self._to_worker.put(valid_batch)
+                kind, value = self._reply()
+        except BaseException:
+            self.broken = True
+            self.close()
+            raise
         return value if kind == "done" else None
+
+    def close(self) -> None:
+        """Stop a window left unfinished: its worker thread ends at its next pull, nothing is committed."""
+        if not self.running:
+            return
+        self.running = False
+        self._to_worker.put(_CANCEL)
+        while self._to_caller.get()[0] not in ("done", "error"):  # a pull the worker made before the cancel
+            pass
 
     def _reply(self):
         kind, value = self._to_caller.get()
@@ -80,7 +99,17 @@ class Handoff:
 
     def pull(self, kind: str):
         self._to_caller.put((kind, None))
-        return self._to_worker.get()
+        batch = self._to_worker.get()
+        if batch is _CANCEL:
+            raise _Cancelled
+        return batch
+
+
+_CANCEL = object()
+
+
+class _Cancelled(BaseException):
+    """Ends a cancelled window in its worker thread (a BaseException, so that no estimator catches it)."""
 
 
 class _Pull:
