@@ -10,7 +10,15 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hypermeta import _storage
-from hypermeta._records import EVALUATIONS_FILE, TRAJECTORY_COLUMNS, TRAJECTORY_FILE
+from hypermeta._records import (
+    EVALUATIONS_FILE,
+    FAIL_REASON,
+    HYPERPARAMETERS,
+    STOP_REASON,
+    TEST_PREFIX,
+    TRAJECTORY_COLUMNS,
+    TRAJECTORY_FILE,
+)
 
 
 def load_trajectories(*, study_name: str, storage: str | None = None, artifacts: str | None = None) -> pd.DataFrame:
@@ -80,8 +88,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         values = trial.values or [None]
         row = {"trial": trial.number, "state": trial.state.name, "value": values[0] if len(values) == 1 else values}
         row.update({f"param {k}": v for k, v in trial.params.items()})
-        row.update({f"final {k}": v for k, v in trial.user_attrs.get("hyperparameters", {}).items()})
-        row.update({k: v for k, v in trial.user_attrs.items() if k.startswith("test_")})
+        row.update({f"final {k}": v for k, v in trial.user_attrs.get(HYPERPARAMETERS, {}).items()})
+        row.update({k: v for k, v in trial.user_attrs.items() if k.startswith(TEST_PREFIX)})
         reason = trial_reason(trial)
         if reason:
             row["note"] = reason
@@ -91,7 +99,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 def trial_reason(trial: optuna.trial.FrozenTrial) -> str | None:
     """Why a trial failed or stopped early (the ``fail_reason`` or ``stop_reason`` user attribute)."""
-    reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason")
+    reason = trial.user_attrs.get(FAIL_REASON) or trial.user_attrs.get(STOP_REASON)
     if reason is None and trial.state == optuna.trial.TrialState.FAIL:
         return "no reason stored"
     return reason

@@ -21,7 +21,21 @@ from tqdm import tqdm
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import RunError, Terminated, UsageError
-from hypermeta._records import EVALUATIONS_FILE, LAYERS, TRAJECTORY_FILE, describe_layers
+from hypermeta._records import (
+    EVALUATIONS_FILE,
+    FAIL_REASON,
+    HYPERPARAMETERS,
+    LAYERS,
+    REJECTED_STEPS,
+    SECONDS,
+    STEPS,
+    STOP_REASON,
+    STUDY_METRIC,
+    STUDY_WARM_START,
+    TEST_PREFIX,
+    TRAJECTORY_FILE,
+    describe_layers,
+)
 from hypermeta._study import Setup, Study, resolve, setup_problem
 
 SAMPLERS = {
@@ -96,9 +110,9 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
         sampler=TrialSeededSampler(options.sampler, seed=options.seed), pruner=study.make_pruner(),
         load_if_exists=True,
     )
-    stored.set_user_attr("metric", study.metric)  # for reports, which never read the study file
+    stored.set_user_attr(STUDY_METRIC, study.metric)  # for reports, which never read the study file
     if warm is not None:
-        stored.set_user_attr("warm_start", warm)
+        stored.set_user_attr(STUDY_WARM_START, warm)
     if created:
         _warn_if_artifacts_lost(stored, directory)
     target = options.n_trials or study.n_trials
@@ -195,7 +209,7 @@ def warm_start(study_name: str, storage: str | None) -> dict:
     if len(other.directions) != 1 or not completed:
         raise UsageError(f"--warm-start {study_name!r}: the study has no completed trial to start from; run it first")
     best = other.best_trial
-    values = best.user_attrs.get("hyperparameters")
+    values = best.user_attrs.get(HYPERPARAMETERS)
     if not values:
         raise UsageError(f"--warm-start {study_name!r}: its best trial stored no hyperparameter values")
     return {"study": study_name, "trial": best.number, "values": values}
@@ -295,7 +309,7 @@ class TrialRunner:
             raise TrialTakenOver(trial.number) from None
         except KeyboardInterrupt as interrupt:  # Optuna marks the trial FAIL and re-raises: the reason goes with it
             reason = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
-            self._note_failure(trial, reason, attrs=("stop_reason", "fail_reason"), show=False)
+            self._note_failure(trial, reason, attrs=(STOP_REASON, FAIL_REASON), show=False)
             raise
         except _ArtifactsUnwritable as error:
             self._note_failure(trial, str(error), show=False)
@@ -308,7 +322,7 @@ class TrialRunner:
         self.finished += 1
         return value
 
-    def _note_failure(self, trial: optuna.Trial, reason: str, *, attrs=("fail_reason",), show: bool = True) -> None:
+    def _note_failure(self, trial: optuna.Trial, reason: str, *, attrs=(FAIL_REASON,), show: bool = True) -> None:
         self.failures.append((trial.number, reason))
         with contextlib.suppress(Exception):  # the storage may be what failed; the reason still goes to stderr
             for key in attrs:
@@ -331,7 +345,7 @@ class TrialRunner:
         if self.target is not None and _taken_before(trial) >= self.target:
             trial.study.stop()
             reason = f"not run: {self.target} trials were already finished or running"
-            trial.set_user_attr("stop_reason", reason)
+            trial.set_user_attr(STOP_REASON, reason)
             raise SurplusTrial(reason)
         seed = self.seed + trial.number
         torch.manual_seed(seed)
@@ -345,15 +359,15 @@ class TrialRunner:
             initial_values=initial_values, seed=seed, device=self.device, on_steps=self.progress.steps,
             on_evaluation=lambda step, metrics: self._report(trial, step, metrics, setup.steps),
         )
-        trial.set_user_attr("seconds", time.perf_counter() - started)
+        trial.set_user_attr(SECONDS, time.perf_counter() - started)
         self._store(trial, result)
         if result.status != "completed":
             self.finished += 1
             reason = f"pruned at step {result.steps}" if result.status == "stopped" else result.reason
-            trial.set_user_attr("stop_reason", reason)
+            trial.set_user_attr(STOP_REASON, reason)
             raise optuna.TrialPruned(reason)
         for name, value in setup.test_metrics(result, device=self.device, seed=seed).items():
-            trial.set_user_attr(f"test_{name}", value)
+            trial.set_user_attr(f"{TEST_PREFIX}{name}", value)
         return float(result.evaluations[self.study.metric].iloc[-1])
 
     def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int) -> bool:
@@ -361,9 +375,9 @@ class TrialRunner:
         return step < steps and trial.should_prune()  # a run that has finished is complete, not pruned
 
     def _store(self, trial: optuna.Trial, result) -> None:
-        trial.set_user_attr("hyperparameters", result.hyperparameters)
-        trial.set_user_attr("steps", result.steps)
-        trial.set_user_attr("rejected_steps", result.rejected_steps)
+        trial.set_user_attr(HYPERPARAMETERS, result.hyperparameters)
+        trial.set_user_attr(STEPS, result.steps)
+        trial.set_user_attr(REJECTED_STEPS, result.rejected_steps)
         trial.set_user_attr(LAYERS, describe_layers(result.model))
         if self.store is None:
             return

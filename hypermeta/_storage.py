@@ -27,6 +27,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
 from hypermeta._errors import RunError, UsageError
+from hypermeta._records import FAIL_REASON, STOP_REASON
 
 DEFAULT_DIRECTORY = ".hypermeta"
 DEFAULT_DATABASE = "hypermeta.db"
@@ -50,7 +51,7 @@ def _heartbeat() -> dict:
 
 def _retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a copy of a stale trial (at most 3 times), without the reason it failed or its artifact records."""
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", "stop_reason")}
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON, STOP_REASON)}
     trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(ARTIFACTS_ATTR_PREFIX)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -199,7 +200,7 @@ class _PatientRDBStorage(optuna.storages.RDBStorage):
     def _note(self, trial_ids: list[int], reason: str) -> None:
         for trial_id in trial_ids:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker was quicker
-                self.set_trial_user_attr(trial_id, "fail_reason", reason)
+                self.set_trial_user_attr(trial_id, FAIL_REASON, reason)
 
     def _trials_without_heartbeat(self, study_id: int) -> list[int]:
         """Running trials with no heartbeat at all, started more than the grace period ago.
