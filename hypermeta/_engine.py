@@ -23,9 +23,16 @@ from hypermeta._private import diffopt
 from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.handoff import Handoff, LossModule, picked
-from hypermeta._private.plain import load_optimizer_state, optimizer_state, restore, set_values, snapshot, train_step
+from hypermeta._private.plain import (
+    load_optimizer_state,
+    optimizer_state,
+    set_values,
+    snapshot,
+    train_step,
+    trained_in_place,
+)
 from hypermeta._private.unrolled import unrolled_window
-from hypermeta._private.window import Window, nothing
+from hypermeta._private.window import Window
 from hypermeta._records import TRAJECTORY_COLUMNS
 
 _ESTIMATORS = {"unrolled": unrolled_window, "first_order": first_order_window, "greedy": greedy_window}
@@ -660,11 +667,7 @@ class _PlainSteps:
         self.step += 1
 
     def window(self) -> Window:
-        run, saved = self.run, self.saved
-        return Window(
-            train_loss=torch.stack(self.losses).mean(), valid_loss=None, hypergradients=None,
-            commit=nothing, rollback=lambda: restore(run.model, run.optimizer, saved),
-        )
+        return trained_in_place(self.run.model, self.run.optimizer, self.saved, self.losses)
 
 
 def _plain_window(run: _Run, start: int, n_steps: int) -> Window:

@@ -24,8 +24,8 @@ import torch
 
 from hypermeta._private.greedy import _slots
 from hypermeta._private.modes import validation_mode
-from hypermeta._private.plain import restore, set_values, snapshot
-from hypermeta._private.window import Window, nothing
+from hypermeta._private.plain import set_values, snapshot, trained_in_place
+from hypermeta._private.window import Window
 
 
 def first_order_window(run, start: int, n_steps: int) -> Window:
@@ -56,13 +56,7 @@ def first_order_window(run, start: int, n_steps: int) -> Window:
         wd_column = _slots(len(hyper.log_weight_decay))
         for index, sums in enumerate(per_row):
             grads[1][wd_column(index)] += sums[wd_row]
-    return Window(
-        train_loss=torch.stack(train_losses).mean(),
-        valid_loss=valid_loss,
-        hypergradients=grads,
-        commit=nothing,
-        rollback=lambda: restore(model, optimizer, saved),
-    )
+    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
 
 
 class _Tangents:

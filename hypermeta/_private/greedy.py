@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from hypermeta._private.modes import validation_mode
-from hypermeta._private.plain import plain_step, restore, snapshot
-from hypermeta._private.window import Window, nothing
+from hypermeta._private.plain import plain_step, snapshot, trained_in_place
+from hypermeta._private.window import Window
 
 
 def greedy_window(run, start: int, n_steps: int) -> Window:
@@ -52,13 +52,7 @@ def greedy_window(run, start: int, n_steps: int) -> Window:
     grads = [_contract(lr_directions, valid_grads, hyper.log_lr)]
     if wd_slot is not None:
         grads.append(_contract(wd_directions, valid_grads, hyper.log_weight_decay[None])[0])
-    return Window(
-        train_loss=torch.stack(train_losses).mean(),
-        valid_loss=valid_loss,
-        hypergradients=grads,
-        commit=nothing,
-        rollback=lambda: restore(model, optimizer, saved),
-    )
+    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
 
 
 def _lr_direction_in_state(optimizer: torch.optim.Optimizer) -> bool:

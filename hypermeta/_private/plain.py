@@ -6,6 +6,7 @@ import torch
 
 from hypermeta._hyperparameters import HyperParameters
 from hypermeta._private.modes import buffers
+from hypermeta._private.window import Window, nothing
 
 
 @torch.no_grad()
@@ -56,3 +57,11 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved) -> 
     for target, value in zip([*model.parameters(), *buffers(model)], tensors, strict=True):
         target.copy_(value)
     load_optimizer_state(optimizer, state)
+
+
+def trained_in_place(model, optimizer, saved, train_losses, *, valid_loss=None, hypergradients=None) -> Window:
+    """The window of plain steps already taken on ``model``: nothing to commit, undone from ``saved``."""
+    return Window(
+        train_loss=torch.stack(train_losses).mean(), valid_loss=valid_loss, hypergradients=hypergradients,
+        commit=nothing, rollback=lambda: restore(model, optimizer, saved),
+    )
