@@ -30,17 +30,13 @@ def cnn(channels: int) -> torch.nn.Sequential:
 
 def build(trial):
     return hypermeta.Setup(
-        model=cnn(trial.suggest_categorical("channels", [64, 96])),
+        model=cnn(trial.suggest_int("channels", 16, 128, log=True)),
         data=DATA,
         steps=3000,
-        batch_size=trial.suggest_categorical("batch_size", [100, 128]),
+        batch_size=trial.suggest_int("batch_size", 32, 256, log=True),
         optimizer="adam",
-        learning_rate=hypermeta.LearningRate(init=(5e-3, 2e-2), scope="per_group"),
-        weight_decay=hypermeta.WeightDecay(init=(1e-4, 1e-3), scope="per_group"),
-        # exact unrolls on the whole validation split: the committed results were measured with these
-        hypergradient=hypermeta.Hypergradient(
-            estimator="unrolled", valid_batch_size=None, horizon=40, meta_lr=(0.004, 0.06)
-        ),
+        learning_rate=hypermeta.LearningRate(init=(1e-4, 1e-1), scope="per_group"),
+        weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2), scope="per_group"),
     )
 
 
