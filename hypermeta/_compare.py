@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from hypermeta._engine import Hypergradient
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
 from hypermeta._records import FAIL_REASON
@@ -115,10 +116,23 @@ def _row(trial: optuna.trial.FrozenTrial, *, seconds: float) -> dict:
 
 def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict]:
     """The study's defaults trained once, for the whole budget."""
+    return [long_run(study, budget=budget, seed=seed, device=device)]
+
+
+def long_run(
+    study: Study, *, budget: Budget, seed: int, device: str = "cpu", hypergradient: Hypergradient | None = None
+) -> dict:
+    """One run from the study's defaults for the whole budget; its row of the trials table.
+
+    Without ``hypergradient`` the values stay at the defaults (the ``defaults`` arm); with it they
+    start there and follow hypergradients (``benchmarks/long_run.py``). The row adds ``final
+    <key>`` for every value the run ended with.
+    """
     defaults = default_trial(study)
     setup = study.build(defaults)
     values = {key: starting_value(spec_of(setup, key)) for key in hyperparameter_keys(setup)}
     setup, _ = resolve(setup, optuna.trial.FixedTrial(values), online=False)
+    setup = dataclasses.replace(setup, hypergradient=hypergradient)
     torch.manual_seed(seed * 10_000)
     started = time.perf_counter()
     steps = budget.steps or 10**9
@@ -130,12 +144,13 @@ def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict
     )
     value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan
     test = setup.test_metrics(result, device=device, seed=seed * 10_000)
-    return [{
+    return {
         "trial": 0, "state": "COMPLETE" if math.isfinite(value) else "FAIL", "value": value,
         "steps": result.steps, "seconds": time.perf_counter() - started,
         **{f"test_{k}": v for k, v in test.items()},
         **{f"param {name}": v for name, v in {**defaults.params, **values}.items()},
-    }]
+        **{f"final {key}": v for key, v in result.hyperparameters.items()},
+    }
 
 
 def default_trial(study: Study) -> optuna.trial.FixedTrial:

@@ -72,6 +72,10 @@ class Hypergradient:
             only the rates of the segment being trained.
         valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
             (consecutive batches of ``valid``, epoch after epoch); ``None`` uses all of ``valid``.
+        every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
+            the windows between are plain ``torch.optim`` steps at the current values. The cost
+            over plain training shrinks about ``every``-fold, and so does how far the values
+            can move in a given number of steps.
 
     Example:
         >>> import hypermeta
@@ -87,6 +91,7 @@ class Hypergradient:
     valid_batch_size: int | None = 256
     carry_segments: bool = True
     valid_batches: int | None = None
+    every: int = 1
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
@@ -100,6 +105,8 @@ class Hypergradient:
             raise ValueError(f"meta_lr must be >= 0, got {self.meta_lr}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
 
 
 @dataclass
@@ -331,7 +338,7 @@ class HyperOptimizer:
         window.commit()
         self._failures = 0
         _record(self._run, end, window)
-        if self._meta:
+        if self._meta and window.hypergradients is not None:
             self._meta.step(window.hypergradients, segment=self._run.hyper.segment(start))
         self.steps = end
         self.last_train_loss = window.train_loss
@@ -613,12 +620,17 @@ class _MetaStep:
             raise ValueError(f"meta_lr={hypergradient.meta_lr} is a search range; give train() a number")
         self.meta_lr = hypergradient.meta_lr
         self.carry_segments = hypergradient.carry_segments
+        self.every = hypergradient.every
+        self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
 
     def window(self, run, step: int, n_steps: int) -> Window:
         if self.carry_segments:
             self.hyper.carry_into(step)
+        self.windows += 1
+        if (self.windows - 1) % self.every:
+            return _plain_window(run, step, n_steps)
         return self.estimator(run, step, n_steps)
 
     def step(self, hypergradients: list[torch.Tensor], *, segment: int) -> None:

@@ -130,6 +130,29 @@ def test_a_segment_starts_where_the_previous_one_ended_unless_told_otherwise(sma
     assert values[1][40] != pytest.approx(values[1][25])
 
 
+@pytest.mark.parametrize("estimator", ["first_order", "unrolled"])
+def test_every_third_window_takes_a_hyper_step_and_the_others_train_plainly(small_digits, estimator):
+    def run(hypergradient):
+        torch.manual_seed(0)
+        return hypermeta.train(
+            mlp(dtype=torch.float64), data=small_digits, steps=35, batch_size=16, eval_every=35,
+            optimizer_options={"momentum": 0.9}, learning_rate=hypermeta.LearningRate(init=0.05),
+            weight_decay=hypermeta.WeightDecay(init=1e-3), hypergradient=hypergradient,
+        )
+
+    sparse = run(hypermeta.Hypergradient(estimator=estimator, horizon=5, meta_lr=0.3, every=3))
+    lr = sparse.trajectory[sparse.trajectory["name"] == "lr"].set_index("step")
+    hyper_windows = [5, 20, 35]  # windows 1, 4 and 7 of seven
+    assert lr["hypergradient"].notna().tolist() == [step in hyper_windows for step in lr.index]
+    values = lr["value"]  # the value each window trained with: it changes only after a hyper window
+    assert [values[s] != values[s - 5] for s in lr.index[1:]] == [s - 5 in hyper_windows for s in lr.index[1:]]
+    # with meta_lr 0 the plain windows are the same steps as a run without hypergradients
+    frozen = run(hypermeta.Hypergradient(estimator="first_order", horizon=5, meta_lr=0.0, every=3))
+    plain = run(None)
+    for got, want in zip(frozen.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_on_evaluation_can_stop_a_run(small_digits):
     seen = []
     result = hypermeta.train(

@@ -18,6 +18,7 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.Hypergradient(estimator="implicit"), "estimator must be one of"),
         (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be >= 1"),
         (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
+        (lambda: hypermeta.Hypergradient(every=0), "every must be an integer >= 1"),
     ],
 )
 def test_invalid_specs_are_rejected(make, message):

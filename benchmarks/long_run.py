@@ -1,0 +1,83 @@
+"""Adaptation does no harm: one long run from the middle of a study's ranges, with and without hypergradients.
+
+For each study file, each seed runs the study's defaults (the middle of every range, the first of
+every choice; as the ``defaults`` arm of ``hypermeta compare``) twice for the same wall-clock
+seconds: once with fixed values and once with ``Hypergradient()`` (or the options given), in
+alternating order. Printed per run: steps taken, final validation loss, test accuracy of the final
+model, and how far the learning rates and weight decays moved (final over start, the smallest and
+largest over the groups); then the median over seeds. A learning rate that ends 10x or more below
+its start has collapsed under the short-horizon bias.
+
+    python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
+        [--estimator first_order] [--horizon 20] [--meta-lr 0.2] [--every 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import hypermeta
+from hypermeta._compare import Budget, long_run
+from hypermeta._runner import load_study_file
+
+STUDIES = {"studies/digits_mlp.py": 20.0, "studies/digits_highdim.py": 30.0, "studies/mnist1d_cnn.py": 60.0}
+
+
+def _moved(row: dict, kind: str) -> tuple[float, float] | None:
+    """The smallest and largest final / start ratio over the entries of one kind (``lr``, ``weight_decay``)."""
+    ratios = [
+        row[key] / row[f"param {key.removeprefix('final ')}"]
+        for key in row if key.startswith(f"final {kind}/")
+    ]
+    return (min(ratios), max(ratios)) if ratios else None
+
+
+def _show(moved: tuple[float, float] | None) -> str:
+    return "-" if moved is None else f"{moved[0]:.2g}..{moved[1]:.2g}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("studies", nargs="*", default=list(STUDIES))
+    parser.add_argument("--seconds", type=float, help="per run (default: 20 digits, 30 highdim, 60 MNIST-1D)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--estimator", default=hypermeta.Hypergradient().estimator)
+    parser.add_argument("--horizon", type=int, default=hypermeta.Hypergradient().horizon)
+    parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
+    parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, meta_lr=args.meta_lr,
+                                            every=args.every)
+    print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
+    for path in args.studies:
+        study = load_study_file(path)
+        budget = Budget(seconds=args.seconds or STUDIES.get(path, 60.0))
+        rows = {"fixed": [], "adaptive": []}
+        for seed in range(args.seeds):
+            order = ("fixed", "adaptive") if seed % 2 == 0 else ("adaptive", "fixed")
+            for arm in order:
+                row = long_run(study, budget=budget, seed=seed,
+                               hypergradient=hypergradient if arm == "adaptive" else None)
+                rows[arm].append(row)
+                print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, valid {row['value']:.4f}, "
+                      f"test accuracy {row.get('test_accuracy', float('nan')):.4f}, "
+                      f"lr {_show(_moved(row, 'lr'))}, weight decay {_show(_moved(row, 'weight_decay'))}", flush=True)
+        print(f"\n{study.name}, {budget.seconds:g} s per run, median over {args.seeds} seeds:")
+        print("| run | steps | final valid loss | test accuracy | lr final/start (lowest) |")
+        print("|---|---|---|---|---|")
+        for arm, of_arm in rows.items():
+            lowest = [(_moved(row, "lr") or (1.0, 1.0))[0] for row in of_arm]
+            print(f"| {arm} | {statistics.median(r['steps'] for r in of_arm):.0f} | "
+                  f"{statistics.median(r['value'] for r in of_arm):.4f} | "
+                  f"{statistics.median(r.get('test_accuracy', float('nan')) for r in of_arm):.4f} | "
+                  f"{statistics.median(lowest):.2g}x |")
+        wins = sum(a["value"] < f["value"] for a, f in zip(rows["adaptive"], rows["fixed"], strict=True))
+        print(f"adaptive ended with the lower validation loss in {wins} of {args.seeds} seeds\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
