@@ -88,7 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     storage_flags(report)
     report.add_argument("--out", help="report directory (default: reports/NAME; with --all: reports)")
 
-    compare = commands.add_parser("compare", help="hypergradients against black-box search at equal budget")
+    compare = commands.add_parser(
+        "compare", help="hypergradients against black-box search at equal budget",
+        description="Run five arms at the same budget, per seed: hypermeta (hypergradients inside TPE trials); "
+        "tpe (every learning-rate and weight-decay entry an Optuna parameter, held fixed during the trial); "
+        "random (random search over the space of tpe); hyperband (TPE over that space with Hyperband pruning, "
+        "which stops poor trials early at geometric rungs of the study's evaluation steps); defaults "
+        "(the study's defaults trained once for the whole budget). Writes a table, the trials and two figures.",
+    )
     compare.add_argument("study_file")
     budget = compare.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-steps", type=_positive_int, help="inner training steps per arm and seed")

@@ -1,6 +1,6 @@
 """``hypermeta compare``: hypergradients inside trials against black-box search, at equal budget.
 
-Four arms share one budget, counted in inner training steps or in wall-clock seconds (whichever
+Five arms share one budget, counted in inner training steps or in wall-clock seconds (whichever
 the user fixes; the other is recorded):
 
 1. ``hypermeta``: Optuna (TPE) over the study's own choices and the initial values; hypergradients
@@ -8,10 +8,13 @@ the user fixes; the other is recorded):
 2. ``tpe``: every differentiable hyperparameter (each group and segment) is an ordinary Optuna
    parameter over the same range, held fixed during the trial;
 3. ``random``: random search over the space of 2;
-4. ``defaults``: the study's defaults (the middle of every range, the first of every choice)
+4. ``hyperband``: TPE over the space of 2 with Hyperband pruning, Optuna's multi-fidelity search
+   for a budget: poor trials stop at geometric rungs (the study's evaluation cadence times powers
+   of 3), leaving the budget to more trials;
+5. ``defaults``: the study's defaults (the middle of every range, the first of every choice)
    trained once, without hypergradients, for the whole budget.
 
-Every arm uses the study's pruner and runs with the same seeds.
+The other search arms use the study's pruner; every arm runs with the same seeds.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ import torch
 from matplotlib.figure import Figure
 
 from hypermeta._engine import Hypergradient
+from hypermeta._engine import evaluation_cadence as engine_cadence
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
 from hypermeta._records import FAIL_REASON
 from hypermeta._runner import TrialRunner
-from hypermeta._study import Study, hyperparameter_keys, resolve, spec_of, starting_value
+from hypermeta._study import Setup, Study, hyperparameter_keys, resolve, spec_of, starting_value
 
-ARMS = ("hypermeta", "tpe", "random", "defaults")
+ARMS = ("hypermeta", "tpe", "random", "hyperband", "defaults")
+HYPERBAND_REDUCTION_FACTOR = 3
 MAX_FAILURES_IN_A_ROW = 5
 
 
@@ -78,8 +83,7 @@ def run_arms(study: Study, *, budget: Budget, seeds: int, device: str = "cpu", l
 
 
 def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> list[dict]:
-    sampler = optuna.samplers.RandomSampler(seed=seed) if arm == "random" else optuna.samplers.TPESampler(seed=seed)
-    search = optuna.create_study(direction=study.direction, sampler=sampler, pruner=study.make_pruner())
+    search = search_study(study, arm=arm, seed=seed)
     runner = TrialRunner(study, seed=seed * 10_000, device=device, online=arm == "hypermeta")
     rows: list[dict] = []
     last = [time.perf_counter()]
@@ -100,6 +104,33 @@ def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> l
         reason = search.trials[-1].user_attrs.get(FAIL_REASON, "unknown").splitlines()[0]
         raise UsageError(f"every {arm} trial failed ({reason}); fix the study file")
     return rows
+
+
+def search_study(study: Study, *, arm: str, seed: int) -> optuna.Study:
+    """The in-memory Optuna study a search arm runs in, with the arm's sampler and pruner.
+
+    It is named after the study, arm and seed: Hyperband assigns trials to brackets by the study's
+    name, and a name drawn at random would make the arm differ from run to run.
+    """
+    sampler = optuna.samplers.RandomSampler(seed=seed) if arm == "random" else optuna.samplers.TPESampler(seed=seed)
+    pruner = _hyperband(study) if arm == "hyperband" else study.make_pruner()
+    return optuna.create_study(
+        study_name=f"compare {study.name} {arm} seed {seed}", direction=study.direction, sampler=sampler, pruner=pruner
+    )
+
+
+def _hyperband(study: Study) -> optuna.pruners.HyperbandPruner:
+    """Hyperband over a black-box trial's evaluations: the step is the resource, one evaluation the least."""
+    _, setup, _ = _black_box_defaults(study)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=min(evaluation_cadence(setup), setup.steps), max_resource=setup.steps,
+        reduction_factor=HYPERBAND_REDUCTION_FACTOR,
+    )
+
+
+def evaluation_cadence(setup: Setup) -> int:
+    """Every how many steps ``setup`` is evaluated: its ``eval_every``, else the engine's default."""
+    return engine_cadence(setup.steps, setup.hypergradient, setup.eval_every)
 
 
 def _row(trial: optuna.trial.FrozenTrial, *, seconds: float) -> dict:
@@ -128,16 +159,13 @@ def long_run(
     start there and follow hypergradients (``benchmarks/long_run.py``). The row adds ``final
     <key>`` for every value the run ended with.
     """
-    defaults = default_trial(study)
-    setup = study.build(defaults)
-    values = {key: starting_value(spec_of(setup, key)) for key in hyperparameter_keys(setup)}
-    setup, _ = resolve(setup, optuna.trial.FixedTrial(values), online=False)
+    defaults, setup, values = _black_box_defaults(study)
     setup = dataclasses.replace(setup, hypergradient=hypergradient)
     torch.manual_seed(seed * 10_000)
     started = time.perf_counter()
     steps = budget.steps or 10**9
     stop_at = started + budget.seconds if budget.seconds else math.inf
-    eval_every = setup.eval_every or max(setup.steps // 10, 1)  # the study's cadence, not the long run's
+    eval_every = evaluation_cadence(setup)  # the study's cadence, not the long run's
     result = dataclasses.replace(setup, steps=steps, eval_every=eval_every).train(
         initial_values=values, seed=seed * 10_000, device=device,
         on_evaluation=lambda step, metrics: time.perf_counter() >= stop_at,
@@ -151,6 +179,16 @@ def long_run(
         **{f"param {name}": v for name, v in {**defaults.params, **values}.items()},
         **{f"final {key}": v for key, v in result.hyperparameters.items()},
     }
+
+
+def _black_box_defaults(study: Study) -> tuple[optuna.trial.FixedTrial, Setup, dict[str, float]]:
+    """The study's defaults as a black-box trial: the default trial, its set-up without hypergradients,
+    and the entries' starting values."""
+    defaults = default_trial(study)
+    setup = study.build(defaults)
+    values = {key: starting_value(spec_of(setup, key)) for key in hyperparameter_keys(setup)}
+    setup, _ = resolve(setup, optuna.trial.FixedTrial(values), online=False)
+    return defaults, setup, values
 
 
 def default_trial(study: Study) -> optuna.trial.FixedTrial:
@@ -261,6 +299,7 @@ ARM_STYLES = {  # colour, line style, marker: every arm distinguishable in colou
     "hypermeta": ("tab:blue", "-", "o"),
     "tpe": ("tab:orange", "--", "s"),
     "random": ("tab:green", ":", "^"),
+    "hyperband": ("tab:purple", "-.", "D"),
     "defaults": ("tab:red", "none", "*"),
 }
 

@@ -397,8 +397,7 @@ def train(
     check_data(data, batch_size)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
-    eval_every = eval_every or horizon * max(1, steps // (10 * horizon))
+    eval_every = evaluation_cadence(steps, hypergradient, eval_every)
     model = model.to(device)
     if isinstance(data, Dataset):
         data = data.to(device, next(model.parameters()).dtype)
@@ -428,6 +427,12 @@ def train(
         steps=hyper.steps,
         rejected_steps=hyper.rejected_steps,
     )
+
+
+def evaluation_cadence(steps: int, hypergradient: Hypergradient | None, eval_every: int | None) -> int:
+    """Every how many steps :func:`train` evaluates: ``eval_every``, else about 10 times, at window ends."""
+    horizon = hypergradient.horizon if hypergradient else _PLAIN_WINDOW
+    return eval_every or horizon * max(1, steps // (10 * horizon))
 
 
 class _StopLoop(Exception):

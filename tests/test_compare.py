@@ -1,10 +1,16 @@
 import math
+import runpy
+import shutil
+from pathlib import Path
 
 import matplotlib.image
+import optuna
 import pandas as pd
 import pytest
+import torch
 
-from hypermeta import _cli
+import hypermeta
+from hypermeta import _cli, _compare
 from hypermeta._compare import ARMS
 from hypermeta._private.files import MARKER
 
@@ -49,7 +55,10 @@ def test_compare_writes_every_file(report):
     for figure in ("best_vs_steps.png", "best_vs_seconds.png"):
         assert matplotlib.image.imread(report / figure).shape[0] > 100
     table = (report / "README.md").read_text()
-    assert all(f"| {arm} |" in table for arm in ARMS)
+    assert ARMS == ("hypermeta", "tpe", "random", "hyperband", "defaults")
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == [
+        f"| {arm}" for arm in ARMS
+    ]
 
 
 def test_every_arm_and_seed_spends_the_same_budget(report):
@@ -73,11 +82,70 @@ def test_the_black_box_arms_search_every_entry_and_hypermeta_the_initial_values(
     online = ["param lr_init", "param weight_decay_init", "param meta_lr"]
     for arm, frame in trials.groupby("arm"):
         searched = set(frame.columns[frame.notna().any()])
-        if arm in ("tpe", "random"):
+        if arm in ("tpe", "random", "hyperband"):
             assert set(entries) <= searched and not set(online) & searched, arm
         elif arm == "hypermeta":
             assert set(online) <= searched and not set(entries) & searched
         assert "param width" in searched
+
+
+def _tiny_study(*, steps: int, eval_every: int) -> hypermeta.Study:
+    namespace = {}
+    exec(STUDY.replace("steps=40,", f"steps={steps}, eval_every={eval_every},"), namespace)
+    return namespace["study"]
+
+
+def test_the_hyperband_arm_prunes_at_hyperband_rungs_of_the_evaluation_cadence():
+    study = _tiny_study(steps=45, eval_every=5)  # rungs at 5, 15 and 45 (the end)
+    assert isinstance(_compare.search_study(study, arm="hyperband", seed=0).pruner, optuna.pruners.HyperbandPruner)
+    assert isinstance(_compare.search_study(study, arm="tpe", seed=0).pruner, optuna.pruners.MedianPruner)
+    stopped = {}
+    for arm in ("hyperband", "tpe"):
+        rows = pd.DataFrame(_compare._search(study, arm, _compare.Budget(steps=400), 0, "cpu"))
+        assert set(rows.loc[rows["state"] == "COMPLETE", "steps"]) == {45}
+        stopped[arm] = set(rows.loc[rows["state"] == "PRUNED", "steps"])
+    assert stopped["hyperband"] == {5, 15}  # both rungs before the end, and no other step
+    assert stopped["tpe"] - {5, 15}  # the study's median pruner stops trials between rungs too
+
+
+@pytest.mark.parametrize(
+    ("steps", "eval_every", "hypergradient"),
+    [(40, None, None), (250, None, None), (40, None, hypermeta.Hypergradient(horizon=5)), (40, 15, None)],
+)
+def test_the_evaluation_cadence_is_where_the_engine_evaluates(steps, eval_every, hypergradient):
+    setup = hypermeta.Setup(
+        model=torch.nn.Linear(64, 10), data=hypermeta.datasets.digits(), steps=steps, batch_size=32,
+        learning_rate=hypermeta.LearningRate(init=0.1), hypergradient=hypergradient, eval_every=eval_every,
+    )
+    evaluated = setup.train(seed=0).evaluations["step"].tolist()
+    cadence = _compare.evaluation_cadence(setup)
+    assert evaluated == sorted({*range(cadence, steps + 1, cadence), steps})
+
+
+def test_old_reports_without_an_arm_are_redrawn_with_the_arms_they_have(report, tmp_path):
+    old = tmp_path / "compare-old"
+    shutil.copytree(report, old)
+    trials = pd.read_csv(old / "trials.csv")
+    trials[trials["arm"] != "hyperband"].to_csv(old / "trials.csv", index=False)
+    for figure in old.glob("*.png"):
+        figure.unlink()
+    redraw = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "compare_figures.py"))["redraw"]
+    redraw(old)
+    for axis in ("steps", "seconds"):
+        assert matplotlib.image.imread(old / f"best_vs_{axis}.png").shape[0] > 100
+    counted = pd.read_csv(old / "trials.csv").query("within_budget")
+    figure = _compare.plot_best_so_far(
+        counted, axis="steps", study_name="old", metric="valid_loss", direction="minimize"
+    )
+    drawn = [label.get_text() for label in figure.axes[1].get_xticklabels()]
+    assert drawn == [arm for arm in ARMS if arm != "hyperband"]
+
+
+def test_compare_help_names_every_arm(capsys):
+    with pytest.raises(SystemExit):
+        _cli.main(["compare", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"{arm} (" in shown for arm in ARMS)
 
 
 @pytest.mark.parametrize(
