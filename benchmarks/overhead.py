@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="cProfile the unrolled hyper-step (MLP, K = 10)"
     )
     parser.add_argument("--end-to-end-only", action="store_true", help="only the train() table")
+    parser.add_argument("--every", type=int, help="end to end: first_order and unrolled also with every=N")
     parser.add_argument("--per-step-only", action="store_true", help="only the hyper-step table")
     parser.add_argument("--end-to-end-repeats", type=int, help="runs per mode end to end (5; 3 with --quick)")
     args = parser.parse_args(argv)
@@ -281,7 +282,9 @@ def hand_loop(model: nn.Module, data: Dataset, settings: dict, eval_every: int, 
             hypermeta.evaluate(model, data.valid, F.cross_entropy)
 
 
-def end_to_end_modes(name: str, seed: int, valid_batch_size: int | None = None) -> dict[str, Callable[[], None]]:
+def end_to_end_modes(
+    name: str, seed: int, valid_batch_size: int | None = None, every: int | None = None
+) -> dict[str, Callable[[], None]]:
     """A fresh run of every mode, from the same initial model, as a function of nothing."""
     data, settings = end_to_end_data(name, seed), END_TO_END[name]
     steps = settings["steps"]
@@ -305,11 +308,16 @@ def end_to_end_modes(name: str, seed: int, valid_batch_size: int | None = None) 
             )
             for estimator in _ESTIMATORS
         })
+    if every:
+        modes.update({
+            f"{estimator} every {every}": train(Hypergradient(estimator=estimator, every=every))
+            for estimator in ("first_order", "unrolled")
+        })
     return modes
 
 
 def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
-    modes = end_to_end_modes(name, args.seed, args.valid_batch_size)
+    modes = end_to_end_modes(name, args.seed, args.valid_batch_size, args.every)
     order = list(modes)
     for run in modes.values():  # warm-up
         run()

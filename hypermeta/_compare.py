@@ -84,9 +84,11 @@ def run_arms(study: Study, *, budget: Budget, seeds: int, device: str = "cpu", l
 
 def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> list[dict]:
     search = search_study(study, arm=arm, seed=seed)
-    runner = TrialRunner(study, seed=seed * 10_000, device=device, online=arm == "hypermeta")
+    started = time.perf_counter()
+    deadline = started + budget.seconds if budget.seconds else None  # the trial that crosses it is not counted
+    runner = TrialRunner(study, seed=seed * 10_000, device=device, online=arm == "hypermeta", deadline=deadline)
     rows: list[dict] = []
-    last = [time.perf_counter()]
+    last = [started]
 
     def on_trial_end(search: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         now = time.perf_counter()
@@ -244,6 +246,18 @@ def budget_fraction_to_reach(counted: pd.DataFrame, *, seed: int, budget: Budget
     return float(ours.loc[reached, axis].min() / budget.total) if reached.any() else math.inf
 
 
+def median_fraction_to_reach(counted: pd.DataFrame, summary: pd.DataFrame, *, budget: Budget, direction: str) -> float:
+    """The fraction of the budget after which hypermeta's median best-so-far first matched TPE's
+    median best over the whole budget (``inf``: never; NaN: an arm has no completed trial)."""
+    target = summary.loc[summary["arm"] == "tpe", "best valid"].median()
+    ours = counted[counted["arm"] == "hypermeta"]
+    if not math.isfinite(target) or ours["value"].isna().all():
+        return math.nan
+    x, median, _, _ = _median_best(ours, f"cum_{budget.unit}", direction)
+    reached = median <= target if direction == "minimize" else median >= target
+    return float(x[reached].min() / budget.total) if reached.any() else math.inf
+
+
 def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:
     """Write the comparison into ``out`` (replacing an older one only once the new one is complete)."""
     check_target(out, study.name)
@@ -254,10 +268,13 @@ def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Pat
         budget_fraction_to_reach(counted, seed=seed, budget=budget, direction=study.direction)
         for seed in sorted(trials["seed"].unique())
     ]
+    median_fraction = median_fraction_to_reach(counted, summary, budget=budget, direction=study.direction)
     with staged_directory(out, study.name) as staging:
         trials.to_csv(staging / "trials.csv", index=False)
         summary.to_csv(staging / "summary.csv", index=False)
-        table = markdown_table(summary, study=study, budget=budget, fractions=fractions)
+        table = markdown_table(
+            summary, study=study, budget=budget, fractions=fractions, median_fraction=median_fraction
+        )
         (staging / "README.md").write_text(table)
         for axis in ("steps", "seconds"):
             figure = plot_best_so_far(
@@ -267,7 +284,9 @@ def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Pat
     return out
 
 
-def markdown_table(summary: pd.DataFrame, *, study: Study, budget: Budget, fractions: list[float]) -> str:
+def markdown_table(
+    summary: pd.DataFrame, *, study: Study, budget: Budget, fractions: list[float], median_fraction: float
+) -> str:
     lines = [
         f"# compare {study.name}: equal budget of {budget.total:g} {budget.unit}, {summary['seed'].nunique()} seeds",
         "",
@@ -283,9 +302,23 @@ def markdown_table(summary: pd.DataFrame, *, study: Study, budget: Budget, fract
             f"{_spread(rows['test macro-F1'], '.3f')} | {rows['trials'].median():.0f} | {rows['steps'].median():.0f} | "
             f"{rows['seconds'].median():.1f} |"
         )
-    shown = ", ".join("never" if math.isinf(f) else f"{f:.2f}" for f in fractions)
-    lines += ["", f"Fraction of the budget after which hypermeta matched TPE's full-budget best, per seed: {shown}"]
+    shown = ", ".join(_fraction(f) for f in fractions)
+    medians = summary.groupby("arm")["best valid"].median()
+    better = medians.lt if study.direction == "minimize" else medians.gt
+    ahead = [arm for arm in ARMS if arm != "hypermeta" and arm in medians and better(medians["hypermeta"])[arm]]
+    lines += [
+        "",
+        f"Fraction of the budget after which hypermeta matched TPE's full-budget best, per seed: {shown}; "
+        f"hypermeta's median best-so-far matched TPE's median best after {_fraction(median_fraction)}.",
+        "",
+        "hypermeta's median best valid is at or ahead of every other arm's."
+        if not ahead else f"Arms ahead of hypermeta in the median: {', '.join(ahead)}.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _fraction(fraction: float) -> str:
+    return "never" if math.isinf(fraction) else "-" if math.isnan(fraction) else f"{fraction:.2f}"
 
 
 def _spread(values: pd.Series, spec: str) -> str:

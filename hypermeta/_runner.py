@@ -289,15 +289,17 @@ class TrialRunner:
     Without ``store`` no trajectories are kept. ``start``: warm-start values (see ``resolve``).
     ``target``: the finished trials the study should hold; a trial that workers starting at the
     same moment created beyond it ends FAIL without training, and its worker stops.
+    ``deadline`` (a ``time.perf_counter()`` time): a trial still training then is pruned at its
+    next evaluation (``hypermeta compare`` ends an arm's last trial where its budget of seconds ends).
     """
 
     def __init__(
         self, study: Study, *, seed: int, device: str, online: bool = True, store=None, progress=None, start=None,
-        target: int | None = None,
+        target: int | None = None, deadline: float | None = None,
     ):
         self.study, self.seed, self.device, self.online, self.store = study, seed, device, online, store
         self.progress = progress or _Progress(0, quiet=True)
-        self.start, self.target = start, target
+        self.start, self.target, self.deadline = start, target, deadline
         self.finished, self.failures, self.fatal = 0, [], None
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -372,7 +374,9 @@ class TrialRunner:
 
     def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int) -> bool:
         trial.report(metrics[self.study.metric], step)
-        return step < steps and trial.should_prune()  # a run that has finished is complete, not pruned
+        if step >= steps:  # a run that has finished is complete, not pruned
+            return False
+        return trial.should_prune() or (self.deadline is not None and time.perf_counter() >= self.deadline)
 
     def _store(self, trial: optuna.Trial, result) -> None:
         trial.set_user_attr(HYPERPARAMETERS, result.hyperparameters)

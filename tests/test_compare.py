@@ -193,3 +193,54 @@ def test_every_arm_is_drawn_distinguishably_and_ends_where_it_stopped(report, ax
         assert line.get_xdata()[-1] == pytest.approx(counted[counted["arm"] == arm][f"cum_{axis}"].max())
     assert not main.get_legend() and len(figure.legends) == 1  # outside the panels
     assert [label.get_text() for label in finals.get_xticklabels()] == list(ARMS)
+
+
+def _trials(values_by_arm: dict[str, list[list[float]]]) -> pd.DataFrame:
+    """Trials of 100 steps each: per arm, per seed, their values in order."""
+    rows = []
+    for arm, seeds in values_by_arm.items():
+        for seed, values in enumerate(seeds):
+            rows += [{"arm": arm, "seed": seed, "value": v, "steps": 100, "seconds": 1.0, "cum_steps": 100 * (i + 1),
+                      "cum_seconds": i + 1.0} for i, v in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_the_median_fraction_is_where_hypermetas_median_best_first_reaches_tpes_median_best():
+    trials = _trials({
+        "hypermeta": [[0.9, 0.5, 0.3, 0.3], [0.8, 0.6, 0.4, 0.2]],  # median best: 0.85, 0.55, 0.35, 0.25
+        "tpe": [[0.7, 0.4, 0.4, 0.4], [0.5, 0.5, 0.3, 0.3]],  # best per seed 0.4 and 0.3: median 0.35
+    })
+    budget = _compare.Budget(steps=400)
+    summary = _compare.summarize(trials, direction="minimize")
+    assert _compare.median_fraction_to_reach(trials, summary, budget=budget, direction="minimize") == 0.75
+    behind = _trials({"hypermeta": [[0.9], [0.8]], "tpe": [[0.5], [0.5]]})
+    summary = _compare.summarize(behind, direction="minimize")
+    assert math.isinf(_compare.median_fraction_to_reach(behind, summary, budget=budget, direction="minimize"))
+
+
+def test_the_table_names_the_arms_ahead_of_hypermeta(report):
+    summary = pd.read_csv(report / "summary.csv")
+    medians = summary.groupby("arm")["best valid"].median()
+    ahead = [arm for arm in ARMS if arm != "hypermeta" and medians[arm] < medians["hypermeta"]]
+    table = (report / "README.md").read_text()
+    if ahead:
+        assert f"Arms ahead of hypermeta in the median: {', '.join(ahead)}." in table
+    else:
+        assert "at or ahead of every other arm's" in table
+    assert "hypermeta's median best-so-far matched TPE's median best after" in table
+
+
+def test_a_trial_still_training_at_the_deadline_is_pruned_at_its_next_evaluation(tmp_path):
+    from hypermeta._runner import TrialRunner, load_study_file
+
+    study_file = tmp_path / "tiny.py"
+    study_file.write_text(STUDY)
+    study = load_study_file(study_file)
+    search = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    late = TrialRunner(study, seed=0, device="cpu", online=False, deadline=0.0)  # long past
+    search.optimize(late, n_trials=1, catch=(Exception,))
+    trial = search.trials[-1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["steps"] == 10  # the first evaluation (of 40 steps, evaluated every 10)
+    search.optimize(TrialRunner(study, seed=0, device="cpu", online=False), n_trials=1, catch=(Exception,))
+    assert search.trials[-1].state == optuna.trial.TrialState.COMPLETE
