@@ -56,7 +56,12 @@ def _run(data, optimizer, case, shift=None, total=TOTAL):
         optimizer_options=options, loss_fn=torch.nn.functional.cross_entropy,
         seed=0, valid_batch_size=64, **_case(case, lr),
     )
-    for step in range(WARMUP):
+    return warmed_up(run, shift, warmup=WARMUP)
+
+
+def warmed_up(run, shift, *, warmup: int):
+    """``run`` after ``warmup`` plain steps, one hyperparameter entry shifted by ``shift = (leaf, index, delta)``."""
+    for step in range(warmup):
         plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, run.train_batches.next(), step)
     if shift is not None:
         tensor, index, delta = shift

@@ -9,7 +9,7 @@ import torch
 
 import hypermeta
 from hypermeta._engine import _ESTIMATORS, build_run
-from hypermeta._private.plain import plain_step
+from tests._private.test_hypergradients import warmed_up
 
 EPS = 1e-5
 WARMUP, N_STEPS = 3, 5
@@ -31,12 +31,7 @@ def window(data, optimizer, shift=None, estimator="unrolled", n_steps=N_STEPS):
         weight_decay=hypermeta.WeightDecay(init=0.01), loss_fn=torch.nn.functional.cross_entropy, seed=0,
     )
     torch.manual_seed(1)  # the Dropout masks
-    for step in range(WARMUP):
-        plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, run.train_batches.next(), step)
-    if shift is not None:
-        tensor, index, delta = shift
-        with torch.no_grad():
-            run.hyper.tensors()[tensor].view(-1)[index] += delta
+    warmed_up(run, shift, warmup=WARMUP)
     return run, _ESTIMATORS[estimator](run, WARMUP, n_steps)
 
 
