@@ -310,8 +310,7 @@ class TrialRunner:
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TrialTakenOver(trial.number) from None
         except KeyboardInterrupt as interrupt:  # Optuna marks the trial FAIL and re-raises: the reason goes with it
-            reason = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
-            self._note_failure(trial, reason, attrs=(STOP_REASON, FAIL_REASON), show=False)
+            self._note_interrupt(trial, interrupt)
             raise
         except _ArtifactsUnwritable as error:
             self._note_failure(trial, str(error), show=False)
@@ -319,10 +318,18 @@ class TrialRunner:
             trial.study.stop()
             raise
         except Exception as error:
+            interrupt = _interrupt_inside(error)
+            if interrupt is not None:
+                self._note_interrupt(trial, interrupt)
+                raise interrupt from None
             self._note_failure(trial, _storage.describe(error))
             raise
         self.finished += 1
         return value
+
+    def _note_interrupt(self, trial: optuna.Trial, interrupt: KeyboardInterrupt) -> None:
+        reason = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+        self._note_failure(trial, reason, attrs=(STOP_REASON, FAIL_REASON), show=False)
 
     def _note_failure(self, trial: optuna.Trial, reason: str, *, attrs=(FAIL_REASON,), show: bool = True) -> None:
         self.failures.append((trial.number, reason))
@@ -395,6 +402,18 @@ class TrialRunner:
                     raise _ArtifactsUnwritable(
                         f"could not write {name} to artifact store {self.store._base_path}: {error.strerror or error}"
                     ) from None
+
+
+def _interrupt_inside(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an error wraps: Python turns one that lands in ``__set_name__`` (while a
+    library imports lazily, mid-trial) into a ``RuntimeError`` caused by it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class _ArtifactsUnwritable(Exception):

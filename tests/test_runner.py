@@ -359,3 +359,26 @@ def test_a_storage_gone_for_longer_than_the_limit_ends_the_run_with_one_error(po
         postgres_server.start()
     trials = optuna.load_study(study_name="outage", storage=postgres_url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]  # its heartbeat has stopped
+
+
+class _CtrlCWhileNamed:
+    """A descriptor whose ``__set_name__`` is interrupted, as a Ctrl-C lands while a library defines a class."""
+
+    def __set_name__(self, owner, name):
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_that_python_wraps_while_a_class_is_defined_is_an_interrupt_not_a_failure(digits):
+    from hypermeta._runner import TrialRunner
+
+    def build(trial):
+        type("LazilyImported", (), {"attribute": _CtrlCWhileNamed()})  # Python 3.11 wraps it in RuntimeError
+        return _builder(digits)(trial)
+
+    runner = TrialRunner(hypermeta.Study(name="s", build=build), seed=0, device="cpu")
+    search = optuna.create_study()
+    with pytest.raises(KeyboardInterrupt):
+        search.optimize(runner, n_trials=1, catch=(Exception,))
+    trial = search.trials[0]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
