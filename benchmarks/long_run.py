@@ -9,7 +9,8 @@ largest over the groups); then the median over seeds. A learning rate that ends 
 its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
-        [--estimator first_order] [--horizon 20] [--meta-lr 0.2] [--meta-optimizer adam] [--every 1]
+        [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
+        [--every 1]
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--estimator", default=hypermeta.Hypergradient().estimator)
     parser.add_argument("--horizon", type=int, default=hypermeta.Hypergradient().horizon)
+    parser.add_argument("--settle", type=int, help="settling steps per window (default: half the horizon)")
     parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, meta_lr=args.meta_lr,
-                                            meta_optimizer=args.meta_optimizer,
+    hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
+                                            meta_lr=args.meta_lr, meta_optimizer=args.meta_optimizer,
                                             every=args.every)
     print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
     for path in args.studies:

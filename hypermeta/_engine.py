@@ -52,9 +52,15 @@ class Hypergradient:
             about 1.3-1.5x plain training end to end), ``"unrolled"`` (exact: truncated reverse
             mode through ``horizon`` steps with ``higher``; about 2-3x) or ``"greedy"`` (Baydin
             et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
-        horizon: K, the inner steps per hyper-step. Short horizons make the learned learning
-            rate collapse (short-horizon bias); at 20 neither the first-order nor the unrolled
-            estimate collapsed the rate in ``benchmarks/short_horizon.py``.
+        horizon: K, the inner steps per hyper-step (a window), settling steps included.
+        settle: how many of each window's last steps are not differentiated (``None``: half the
+            horizon). The hypergradient is then that of the validation loss at the window's end
+            with respect to the values on its first ``horizon - settle`` steps, measured after
+            the noise those steps injected has settled. Without settling steps (``0``) a
+            look-ahead of K steps mostly sees the noise of its own last steps, which smaller
+            learning rates and larger weight decays always reduce, and on long runs the rates
+            collapse (the short-horizon bias; ``benchmarks/long_run.py``). A window cut short
+            (by an evaluation or the run's end) settles the same fraction of its steps.
         meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
             Optuna to choose it from in each trial of a study (with Adam, 0.2 moves a value
             by at most about 20% per hyper-step). Keep ``meta_lr / horizon`` fixed when changing
@@ -84,7 +90,8 @@ class Hypergradient:
     """
 
     estimator: str = "first_order"
-    horizon: int = 20
+    horizon: int = 40
+    settle: int | None = None
     meta_lr: float | tuple[float, float] = 0.2
     meta_optimizer: str = "adam"
     max_failures: int = 5
@@ -93,11 +100,22 @@ class Hypergradient:
     valid_batches: int | None = None
     every: int = 1
 
+    @property
+    def settling_steps(self) -> int:
+        """``settle``, or half the horizon when it is ``None``."""
+        return self.horizon // 2 if self.settle is None else self.settle
+
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
         _one_of("meta_optimizer", self.meta_optimizer, _META_OPTIMIZERS)
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if self.settle is not None and (
+            isinstance(self.settle, bool) or not isinstance(self.settle, int) or not 0 <= self.settle < self.horizon
+        ):
+            raise ValueError(
+                f"settle must be an integer with 0 <= settle < horizon ({self.horizon}), got {self.settle!r}"
+            )
         if isinstance(self.meta_lr, tuple):
             if len(self.meta_lr) != 2 or not 0 < self.meta_lr[0] < self.meta_lr[1]:
                 raise ValueError(f"a meta_lr range must be (low, high) with 0 < low < high, got {self.meta_lr}")
@@ -626,6 +644,7 @@ class _MetaStep:
         self.meta_lr = hypergradient.meta_lr
         self.carry_segments = hypergradient.carry_segments
         self.every = hypergradient.every
+        self.horizon, self.settle = hypergradient.horizon, hypergradient.settling_steps
         self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
@@ -636,7 +655,7 @@ class _MetaStep:
         self.windows += 1
         if (self.windows - 1) % self.every:
             return _plain_window(run, step, n_steps)
-        return self.estimator(run, step, n_steps)
+        return self.estimator(run, step, n_steps, settle=self.settle * n_steps // self.horizon)
 
     def step(self, hypergradients: list[torch.Tensor], *, segment: int) -> None:
         """Update the values; of the learning rates only those of ``segment``, the window's."""

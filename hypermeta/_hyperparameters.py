@@ -28,7 +28,8 @@ class LearningRate:
         segments: number of piecewise-constant schedule segments over the training budget;
             each segment is a separate hyperparameter (by default starting from where the
             previous one ended: see ``Hypergradient.carry_segments``).
-        bounds: ``(low, high)``; defaults to ``(1e-6, 10)``.
+        bounds: ``(low, high)``, where hypergradients may move the rate; defaults to the
+            ``init`` range when there is one (the values a search would try), else ``(1e-6, 10)``.
 
     Example:
         >>> import hypermeta
@@ -39,9 +40,10 @@ class LearningRate:
     init: float | tuple[float, float]
     scope: str = "global"
     segments: int = 1
-    bounds: tuple[float, float] = LR_BOUNDS
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        _default_bounds(self, LR_BOUNDS)
         _check(self, "learning rate")
         if not isinstance(self.segments, int) or self.segments < 1:
             raise ValueError(f"learning rate segments must be an integer >= 1, got {self.segments!r}")
@@ -55,7 +57,8 @@ class WeightDecay:
         init: the starting value (must be > 0: it lives in log space), or a ``(low, high)`` range
             for Optuna to choose it from in each trial of a study.
         scope: ``"global"`` or ``"per_group"``.
-        bounds: ``(low, high)``; defaults to ``(1e-8, 1)``.
+        bounds: ``(low, high)``, where hypergradients may move the value; defaults to the
+            ``init`` range when there is one, else ``(1e-8, 1)``.
 
     Example:
         >>> import hypermeta
@@ -65,10 +68,16 @@ class WeightDecay:
 
     init: float | tuple[float, float]
     scope: str = "global"
-    bounds: tuple[float, float] = WEIGHT_DECAY_BOUNDS
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        _default_bounds(self, WEIGHT_DECAY_BOUNDS)
         _check(self, "weight decay")
+
+
+def _default_bounds(spec: LearningRate | WeightDecay, fallback: tuple[float, float]) -> None:
+    if spec.bounds is None:
+        object.__setattr__(spec, "bounds", spec.init if isinstance(spec.init, tuple) else fallback)
 
 
 def _check(spec: LearningRate | WeightDecay, what: str) -> None:
@@ -177,12 +186,16 @@ class HyperParameters:
             return None
         return self._per_group(self.log_weight_decay.exp())
 
-    def override(self, step: int) -> dict[str, list[torch.Tensor]]:
-        """``higher``-style override of the optimizer settings for inner step ``step``."""
-        override = {"lr": self.lrs(step)}
-        weight_decays = self.weight_decays()
-        if weight_decays is not None:
-            override["weight_decay"] = weight_decays
+    def override(self, step: int, leaves: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+        """``higher``-style override of the optimizer settings for inner step ``step``.
+
+        ``leaves``: tensors shaped as :meth:`tensors` to take the values from instead (copies
+        whose gradients are kept apart).
+        """
+        log_lr, log_weight_decay = (leaves + [None])[:2] if leaves is not None else (self.log_lr, self.log_weight_decay)
+        override = {"lr": self._per_group(log_lr[self.segment(step)].exp())}
+        if log_weight_decay is not None:
+            override["weight_decay"] = self._per_group(log_weight_decay.exp())
         return override
 
     def _per_group(self, values: torch.Tensor) -> list[torch.Tensor]:

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,9 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be >= 1"),
         (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
         (lambda: hypermeta.Hypergradient(every=0), "every must be an integer >= 1"),
+        (lambda: hypermeta.Hypergradient(horizon=8, settle=8), "settle must be an integer with 0 <= settle < horizon"),
+        (lambda: hypermeta.Hypergradient(settle=-1), "settle must be"),
+        (lambda: hypermeta.Hypergradient(settle=2.5), "settle must be"),
     ],
 )
 def test_invalid_specs_are_rejected(make, message):
@@ -112,6 +116,19 @@ def test_carry_into_keeps_the_new_segment_inside_the_bounds():
     assert hyper.values()["lr/a/1"] == pytest.approx(1.0)
 
 
+def test_a_search_range_is_where_hypergradients_may_move_the_value_unless_bounds_say_otherwise(small_digits):
+    assert hypermeta.WeightDecay(init=(1e-9, 1e-2)).bounds == (1e-9, 1e-2)
+    assert hypermeta.LearningRate(init=0.1).bounds == (1e-6, 10.0)
+    assert hypermeta.LearningRate(init=(1e-3, 1.0), bounds=(1e-4, 5.0)).bounds == (1e-4, 5.0)
+    # a trial's chosen start keeps the range as its bounds: a huge meta step stops at its top
+    spec = dataclasses.replace(hypermeta.LearningRate(init=(0.01, 0.2)), init=0.1)
+    result = hypermeta.train(
+        torch.nn.Linear(64, 10), data=small_digits, steps=20, batch_size=16, learning_rate=spec,
+        hypergradient=hypermeta.Hypergradient(horizon=5, settle=0, meta_optimizer="sgd", meta_lr=1e6),
+    )
+    assert result.trajectory["value"].iloc[-1] in (pytest.approx(0.01), pytest.approx(0.2))
+
+
 def test_keep_other_segments_restores_every_segment_but_the_given_one():
     hyper = _hyper()
     saved = hyper.state()
@@ -135,7 +152,7 @@ def test_load_values_rejects_unknown_keys_and_values_out_of_bounds(values, messa
 def test_a_search_range_must_lie_inside_the_bounds_and_cannot_be_trained_directly():
     assert hypermeta.LearningRate(init=(1e-3, 1.0)).init == (1e-3, 1.0)
     with pytest.raises(ValueError, match="inside its bounds"):
-        hypermeta.WeightDecay(init=(1e-9, 1e-2))
+        hypermeta.WeightDecay(init=(1e-9, 1e-2), bounds=(1e-8, 1.0))
     with pytest.raises(ValueError, match="search range"):
         HyperParameters(
             learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0)), weight_decay=None, group_names=["a"],

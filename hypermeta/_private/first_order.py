@@ -25,10 +25,13 @@ import torch
 from hypermeta._private.greedy import _slots
 from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import set_values, snapshot, trained_in_place
-from hypermeta._private.window import Window
+from hypermeta._private.window import Window, agreed
 
 
-def first_order_window(run, start: int, n_steps: int) -> Window:
+def first_order_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
+    """With ``settle``, the tangents as they stood before the last ``settle`` steps (the
+    settled hypergradient: the Hessian that would carry them on is dropped anyway) and at the end
+    are contracted with the same validation gradient; the window moves the values by ``agreed``."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
     first_segment = hyper.segment(start)
@@ -36,8 +39,10 @@ def first_order_window(run, start: int, n_steps: int) -> Window:
     wd_row = n_lr_rows if hyper.log_weight_decay is not None else None
     rows = n_lr_rows + (wd_row is not None)
     tangents = _Tangents(optimizer, rows, with_state=wd_row is not None)
-    train_losses = []
+    train_losses, settled = [], None
     for step in range(start, start + n_steps):
+        if step == start + n_steps - settle:
+            settled = [weight.clone() for weight in tangents.weights]
         if step == start or hyper.segment(step) != hyper.segment(step - 1):
             set_values(optimizer, hyper, step)
         x, y = run.train_batches.next()
@@ -46,7 +51,14 @@ def first_order_window(run, start: int, n_steps: int) -> Window:
         loss.backward()
         train_losses.append(loss.detach())
         tangents.step(lr_row=hyper.segment(step) - first_segment, wd_row=wd_row)
-    valid_loss, per_row = _contract(run, tangents)
+    valid_loss, per_rows = _contract(run, tangents, tangents.weights, *([settled] if settled else []))
+    grads = [_hypergradients(hyper, per_row, first_segment, n_lr_rows, wd_row) for per_row in per_rows]
+    grads = agreed(*grads) if settled else grads[0]
+    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
+
+
+def _hypergradients(hyper, per_row, first_segment: int, n_lr_rows: int, wd_row: int | None) -> list[torch.Tensor]:
+    """Per-group row sums into d(valid loss)/d(leaf), shaped as the leaves."""
     grads = [torch.zeros_like(hyper.log_lr)]
     lr_column = _slots(hyper.log_lr.shape[1])
     for index, sums in enumerate(per_row):
@@ -56,7 +68,7 @@ def first_order_window(run, start: int, n_steps: int) -> Window:
         wd_column = _slots(len(hyper.log_weight_decay))
         for index, sums in enumerate(per_row):
             grads[1][wd_column(index)] += sums[wd_row]
-    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
+    return grads
 
 
 class _Tangents:
@@ -159,17 +171,22 @@ def _times(stacked: list[torch.Tensor], factors: list[torch.Tensor], *, divide: 
     return torch._foreach_div(stacked, expanded) if divide else torch._foreach_mul(stacked, expanded)
 
 
-def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The validation loss and, per group, <validation gradient, tangent> for every row."""
+def _contract(run, tangents: _Tangents, *weight_sets) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """The validation loss and, for each set of weight tangents, per group <validation gradient, tangent> per row."""
     x, y = run.valid_batches.next()
     with validation_mode(run.model):
         loss = run.loss_fn(run.model(x), y)
-    grads = iter(zip(torch.autograd.grad(loss, tangents.params, allow_unused=True), tangents.weights, strict=True))
+    grads = torch.autograd.grad(loss, tangents.params, allow_unused=True)
+    return loss.detach(), [_per_row(run, tangents.rows, grads, weights, loss) for weights in weight_sets]
+
+
+def _per_row(run, rows: int, grads, weights, loss) -> list[torch.Tensor]:
+    pairs = iter(zip(grads, weights, strict=True))
     per_row = []
     for group in run.optimizer.param_groups:
-        sums = torch.zeros(tangents.rows, dtype=loss.dtype, device=loss.device)
-        for grad, tangent in itertools.islice(grads, len(group["params"])):
+        sums = torch.zeros(rows, dtype=loss.dtype, device=loss.device)
+        for grad, tangent in itertools.islice(pairs, len(group["params"])):
             if grad is not None:
                 sums += tangent.flatten(1) @ grad.flatten()
         per_row.append(sums)
-    return loss.detach(), per_row
+    return per_row

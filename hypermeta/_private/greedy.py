@@ -15,18 +15,22 @@ import torch
 
 from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import plain_step, snapshot, trained_in_place
-from hypermeta._private.window import Window
+from hypermeta._private.window import Window, agreed
 
 
-def greedy_window(run, start: int, n_steps: int) -> Window:
+def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
+    """With ``settle``, the directions as they stood before the last ``settle`` steps and at the
+    end are contracted with the same validation gradient; the window moves the values by ``agreed``."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
     groups = [[p.detach() for p in group["params"]] for group in optimizer.param_groups]
     lr_slot = _slots(hyper.log_lr.shape[1])
     wd_slot = None if hyper.log_weight_decay is None else _slots(len(hyper.log_weight_decay))
     lr_directions, wd_directions = {}, {}  # (row, column) of the log tensor -> group -> per-parameter sums
-    train_losses = []
+    train_losses, settled = [], None
     for step in range(start, start + n_steps):
+        if step == start + n_steps - settle:
+            settled = [_copy(lr_directions), _copy(wd_directions)]
         before = None if _lr_direction_in_state(optimizer) else [torch._foreach_mul(p, 1.0) for p in groups]
         # Looked up by the optimizer's own parameters: the detached copies in ``groups`` are not its keys.
         had_state = wd_slot and [[bool(optimizer.state.get(p)) for p in g["params"]] for g in optimizer.param_groups]
@@ -49,10 +53,24 @@ def greedy_window(run, start: int, n_steps: int) -> Window:
                 ]
                 _accumulate(wd_directions, (0, wd_slot(index)), index, d_wd)
     valid_loss, valid_grads = _valid_gradient(run, groups)
-    grads = [_contract(lr_directions, valid_grads, hyper.log_lr)]
-    if wd_slot is not None:
-        grads.append(_contract(wd_directions, valid_grads, hyper.log_weight_decay[None])[0])
+    grads = _hypergradients(hyper, valid_grads, lr_directions, wd_directions)
+    if settled:
+        grads = agreed(grads, _hypergradients(hyper, valid_grads, *settled))
     return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
+
+
+def _hypergradients(hyper, valid_grads, lr_directions: dict, wd_directions: dict) -> list[torch.Tensor]:
+    grads = [_contract(lr_directions, valid_grads, hyper.log_lr)]
+    if hyper.log_weight_decay is not None:
+        grads.append(_contract(wd_directions, valid_grads, hyper.log_weight_decay[None])[0])
+    return grads
+
+
+def _copy(directions: dict) -> dict:
+    return {
+        key: {group: [d.clone() for d in sums] for group, sums in per_group.items()}
+        for key, per_group in directions.items()
+    }
 
 
 def _lr_direction_in_state(optimizer: torch.optim.Optimizer) -> bool:

@@ -7,11 +7,15 @@ import torch
 
 from hypermeta._private import diffopt
 from hypermeta._private.modes import batch_norms, copy_buffers, fresh_buffers, validation_mode
-from hypermeta._private.window import Window, nothing
+from hypermeta._private.window import Window, agreed, nothing
 
 
-def unrolled_window(run, start: int, n_steps: int) -> Window:
+def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
     """Train ``n_steps`` differentiably from the committed state; nothing is written until commit.
+
+    The last ``settle`` steps take their values from copies of the leaves, so one backward pass
+    gives both the whole window's hypergradient and the settled one (without those steps), each
+    exact; the window moves the values by :func:`~hypermeta._private.window.agreed`.
 
     The patched model trains in train mode on its own copies of the buffers (BatchNorm running
     statistics), which commit writes back with the weights; the validation loss is taken in
@@ -22,18 +26,23 @@ def unrolled_window(run, start: int, n_steps: int) -> Window:
     differentiable = diffopt.differentiable(optimizer, fmodel, model, override=None)
     train_losses = []
     norms = batch_norms(fmodel)
+    leaves = hyper.tensors()
+    copies = [leaf.detach().clone().requires_grad_() for leaf in leaves] if settle else []
     for step in range(start, start + n_steps):
         x, y = run.train_batches.next()
         fresh_buffers(norms)
         loss = run.loss_fn(fmodel(x), y)
-        differentiable.step(loss, override=hyper.override(step))
+        settling = step >= start + n_steps - settle
+        differentiable.step(loss, override=hyper.override(step, copies if settling else None))
         train_losses.append(loss.detach())
     x, y = run.valid_batches.next()
     with validation_mode(fmodel):
         valid_loss = run.loss_fn(fmodel(x), y)
-    leaves = hyper.tensors()
-    grads = torch.autograd.grad(valid_loss, leaves, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
+    grads = torch.autograd.grad(valid_loss, leaves + copies, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves + copies, grads, strict=True)]
+    if settle:
+        settled, of_settling = grads[:len(leaves)], grads[len(leaves):]
+        grads = agreed([s + c for s, c in zip(settled, of_settling, strict=True)], settled)
     fast_params = list(fmodel.fast_params)
     return Window(
         train_loss=torch.stack(train_losses).mean(),

@@ -34,5 +34,19 @@ class Window:
         return None
 
 
+def agreed(whole: list[torch.Tensor], settled: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The settled hypergradient where the whole window's has the same sign, else 0.
+
+    ``whole`` differentiates the validation loss at a window's end with respect to the values
+    on all its steps; ``settled`` leaves out its settling steps (see ``Hypergradient.settle``).
+    The first mostly sees the gradient noise of the last steps, which smaller learning rates
+    always reduce; the second misses what those steps cost, instability included, and so
+    pushes rates up. A value moves only where both agree.
+    """
+    return [
+        torch.where(torch.sign(w) == torch.sign(s), s, torch.zeros_like(s)) for w, s in zip(whole, settled, strict=True)
+    ]
+
+
 def nothing() -> None:
     """The commit or rollback of a window that has nothing to do."""

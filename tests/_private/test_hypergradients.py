@@ -4,8 +4,11 @@ Each case starts a window from the same state -- weights and optimizer state aft
 steps, so momentum and Adam moments are already non-zero -- and compares the estimator's
 d(valid loss)/d(log value) with (L(h + eps) - L(h - eps)) / (2 eps) for every scalar entry.
 Through one step every estimator is exact; through many, the first-order one must point where the
-exact unroll (itself checked against finite differences) points.
+exact unroll (itself checked against finite differences) points. With settling steps the values
+are shifted on the window's first steps only.
 """
+
+import itertools
 
 import pytest
 import torch
@@ -14,8 +17,10 @@ import hypermeta
 from hypermeta._engine import build_run
 from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
+from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
+from hypermeta._private.window import agreed
 from tests.conftest import mlp
 
 EPS = 1e-5
@@ -140,6 +145,66 @@ def test_first_order_is_greedy_without_optimizer_state(small_digits):
     greedy = _long_window(small_digits, "sgd", greedy_window, "per-group lr").hypergradients
     for got, want in zip(first_order, greedy, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def _settled_finite_differences(data, optimizer, case, n_steps, settle):
+    """Plain steps with one entry shifted, then ``settle`` plain steps at the unshifted values."""
+
+    def valid_loss(t, index, delta):
+        run = _run(data, optimizer, case, (t, index, delta))
+        steps = iter(range(WARMUP, WARMUP + n_steps))
+        for step in itertools.islice(steps, n_steps - settle):
+            plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, run.train_batches.next(), step)
+        with torch.no_grad():
+            run.hyper.tensors()[t].view(-1)[index] -= delta
+        for step in steps:
+            plain_step(run.model, run.optimizer, run.hyper, run.loss_fn, run.train_batches.next(), step)
+        x, y = run.valid_batches.next()
+        with validation_mode(run.model):
+            return run.loss_fn(run.model(x), y).detach()
+
+    tensors = _run(data, optimizer, case).hyper.tensors()
+    return [
+        torch.stack([(valid_loss(t, i, EPS) - valid_loss(t, i, -EPS)) / (2 * EPS) for i in range(tensor.numel())])
+        .view_as(tensor)
+        for t, tensor in enumerate(tensors)
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd momentum", "adam"])
+@pytest.mark.parametrize("case", CASES)
+def test_unrolled_with_settling_steps_moves_only_where_both_exact_hypergradients_agree(small_digits, optimizer, case):
+    """The window over steps 3..8 settles on 7..8: in the segments case the middle segment spans both."""
+    n_steps, settle = 6, 2
+    window = unrolled_window(_run(small_digits, optimizer, case), WARMUP, n_steps, settle=settle)
+    whole = _finite_differences(small_digits, optimizer, case, unrolled_window, n_steps)
+    settled = _settled_finite_differences(small_digits, optimizer, case, n_steps, settle)
+    expected = agreed(whole, settled)
+    assert any(bool((e != 0).any()) for e in expected)
+    for got, want, one, other in zip(window.hypergradients, expected, whole, settled, strict=True):
+        assert torch.equal(got == 0, want == 0), f"moved {got}, expected {want} (whole {one}, settled {other})"
+    _assert_close([g[g != 0] for g in window.hypergradients], [e[e != 0] for e in expected])
+
+
+@pytest.mark.parametrize("optimizer", sorted(set(SETUPS) - {"sgd"}))
+def test_first_order_with_settling_steps_points_where_the_unroll_points(small_digits, optimizer):
+    """K = 20 with the last 10 steps settling, each kind separately."""
+    run = lambda: _run(small_digits, optimizer, "per-group weight decay", total=WARMUP + LONG)  # noqa: E731
+    exact = unrolled_window(run(), WARMUP, LONG, settle=LONG // 2).hypergradients
+    first_order = first_order_window(run(), WARMUP, LONG, settle=LONG // 2).hypergradients
+    for kind, want, got in zip(("lr", "weight decay"), exact, first_order, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert cosine >= 0.95, f"{kind}: cosine {cosine:.3f}, first-order {got} vs exact {want}"
+
+
+def test_greedy_and_first_order_agree_with_settling_steps_on_plain_sgd(small_digits):
+    """Plain SGD carries nothing through the optimizer state: the two estimates are the same."""
+    run = lambda: _run(small_digits, "sgd", "per-group lr", total=WARMUP + LONG)  # noqa: E731
+    greedy = greedy_window(run(), WARMUP, LONG, settle=5).hypergradients
+    first_order = first_order_window(run(), WARMUP, LONG, settle=5).hypergradients
+    for got, want in zip(greedy, first_order, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(greedy[0], greedy_window(run(), WARMUP, LONG).hypergradients[0])
 
 
 def test_unrolled_hypergradient_only_reaches_segments_the_window_used(small_digits):
