@@ -7,9 +7,10 @@ meta_lr = 0.01 * K (Adam in log space), so the rate could move by the same amoun
 
 Printed per run: the final learned rate over the best fixed rate (1.0 = found it; << 1 = the
 rate collapsed), the smallest rate on the way, and the final validation loss, median over seeds.
-The row "default" is ``Hypergradient()`` with only its meta learning rate set as above.
+The row "default" is ``Hypergradient()`` with only its meta learning rate set as above; a run
+``estimator:K`` has no settling steps, ``estimator:K:S`` settles its last S steps of each window.
 
-    python benchmarks/short_horizon.py [--seeds 3] [--runs default unrolled:20 first_order:20 ...]
+    python benchmarks/short_horizon.py [--seeds 3] [--runs default unrolled:20 first_order:40:20 ...]
         [--valid-batch-size N]
 """
 
@@ -43,18 +44,20 @@ def _final_valid_loss(result: hypermeta.TrainResult) -> float:
 
 
 def _spec(run: str, valid_batch_size: int | None) -> hypermeta.Hypergradient:
-    """``Hypergradient`` for ``"estimator:K"``, or the default one, with meta_lr = 0.01 K."""
+    """``Hypergradient`` for ``"estimator:K[:S]"``, or the default one, with meta_lr = 0.01 K."""
     options = {} if valid_batch_size is None else {"valid_batch_size": valid_batch_size}
     if run == "default":
         return hypermeta.Hypergradient(meta_lr=0.01 * hypermeta.Hypergradient().horizon, **options)
-    estimator, horizon = run.split(":")
-    return hypermeta.Hypergradient(estimator=estimator, horizon=int(horizon), meta_lr=0.01 * int(horizon), **options)
+    estimator, horizon, settle = (run.split(":") + ["0"])[:3]
+    return hypermeta.Hypergradient(
+        estimator=estimator, horizon=int(horizon), settle=int(settle), meta_lr=0.01 * int(horizon), **options
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), help="estimator:K or 'default' (all of them)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), help="estimator:K[:S] or 'default' (all of them)")
     parser.add_argument("--valid-batch-size", type=int, help="Hypergradient(valid_batch_size=...)")
     args = parser.parse_args()
     torch.set_num_threads(1)

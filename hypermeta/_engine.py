@@ -53,13 +53,15 @@ class Hypergradient:
             mode through ``horizon`` steps with ``higher``; about 2-3x) or ``"greedy"`` (Baydin
             et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step (a window), settling steps included.
-        settle: how many of each window's last steps are not differentiated (``None``: half the
-            horizon). The hypergradient is then that of the validation loss at the window's end
-            with respect to the values on its first ``horizon - settle`` steps, measured after
-            the noise those steps injected has settled. Without settling steps (``0``) a
-            look-ahead of K steps mostly sees the noise of its own last steps, which smaller
-            learning rates and larger weight decays always reduce, and on long runs the rates
-            collapse (the short-horizon bias; ``benchmarks/long_run.py``). A window cut short
+        settle: the window's last steps whose own effect the second estimate leaves out
+            (``None``: half the horizon; ``0``: one estimate, as before). Each window yields
+            two hypergradients of the validation loss at its end: with respect to the values
+            on all its steps, and on all but the settling ones. The first mostly sees the
+            gradient noise of the last steps, which smaller learning rates and larger weight
+            decays always reduce, so on long runs it pulls the rates down (the short-horizon
+            bias); the second misses what the last steps cost, instability included, and so
+            pushes the rates up. A value moves only where the two agree in sign, by the
+            settled one. ``benchmarks/long_run.py`` measures both sides. A window cut short
             (by an evaluation or the run's end) settles the same fraction of its steps.
         meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
             Optuna to choose it from in each trial of a study (with Adam, 0.2 moves a value
