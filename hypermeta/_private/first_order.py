@@ -11,12 +11,14 @@ state, and are contracted with one validation gradient at its end. With K = 1 th
 hypergradient.
 
 A parameter belongs to one group and so depends on one learning rate per segment and one weight
-decay: its tangents are stacked in one tensor of shape ``(rows, *parameter.shape)``, a row per
-segment the window touches plus one for weight decay.
+decay: the tangents of all parameters are one tensor of shape ``(rows, number of weights)``, a
+row per segment the window touches plus one for weight decay, and every operation on them is one
+kernel for the whole model (per-group learning rates and decays become factors per element).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -123,6 +125,8 @@ class _Tangents:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.groups = [group for group in optimizer.param_groups for _ in group["params"]]
         self.flat = _Flat(self.params)
+        ends = itertools.accumulate(sum(p.numel() for p in group["params"]) for group in optimizer.param_groups)
+        self.group_columns = [slice(start, end) for start, end in itertools.pairwise([0, *ends])]
         self.weights = self.flat.zeros(rows)
         self.moments = self.flat.zeros(rows) if wd_row is not None else None
         self.squares = self.flat.zeros(rows) if wd_row is not None and self.adam else None
@@ -137,14 +141,14 @@ class _Tangents:
         on = [p.grad is not None for p in self.params]
         active = [i for i, used in enumerate(on) if used]
         direction, d_direction = self._direction(on, active)
-        fresh = [not self.adam and "momentum_buffer" not in self.optimizer.state.get(p, {}) for p in self.params]
+        fresh = None if self.adam else ["momentum_buffer" not in self.optimizer.state.get(p, {}) for p in self.params]
         self.optimizer.step()
         carry = self._adam if self.adam else self._sgd
         update, d_update = carry(on, active, fresh, direction, d_direction)
         lrs = self._masked([group["lr"] for group in self.groups], on, off=0.0)
         if d_update is not None:
-            self.weights -= lrs * d_update
-        self.weights[lr_row] -= lrs * update
+            _add_scaled(self.weights, lrs, d_update, value=-1.0)
+        _add_scaled(self.weights[lr_row], lrs, update, value=-1.0)
 
     def _direction(self, on, active):
         """From before the step: the gradient the optimizer follows (decay included; ``None`` where unused)
@@ -154,14 +158,23 @@ class _Tangents:
         if self.wd_row is None:
             return direction, None
         decays = self._masked([group["weight_decay"] for group in self.groups], on, off=0.0)
-        decay = decays * self.gathered["weights"].of(params, active)
+        weights = self.gathered["weights"].of(params, active)
         d_direction = self.weights * decays
-        d_direction[self.wd_row] += decay
-        return direction if direction is None else direction + decay, d_direction
+        _add_scaled(d_direction[self.wd_row], decays, weights)
+        if direction is not None:
+            _add_scaled(direction, decays, weights)
+        return direction, d_direction
 
     def _masked(self, values: list[float], on: list[bool], *, off: float) -> float | torch.Tensor:
         """Per-parameter ``values`` spread over the elements, ``off`` for parameters without a gradient."""
+        if all(on):
+            return self.flat.spread(values)
         return self.flat.spread([value if used else off for value, used in zip(values, on, strict=True)])
+
+    def _carry(self, state: torch.Tensor, tangent: torch.Tensor, on, *, keep: float, add: list[float]) -> None:
+        """``state = keep * state + add * tangent`` where a parameter has a gradient; elsewhere ``state`` is kept."""
+        state.mul_(self._masked([keep] * len(on), on, off=1.0))
+        _add_scaled(state, self._masked(add, on, off=0.0), tangent)
 
     def _state(self, key: str, active: list[int]) -> torch.Tensor:
         """The optimizer state ``key`` of the active parameters, gathered."""
@@ -180,8 +193,7 @@ class _Tangents:
             return update, None
         # torch.optim starts a buffer at the gradient, undamped; the tangent of a fresh one is 0 before
         damped = [1.0 if new else 1 - group["dampening"] for new in fresh]
-        self.moments *= self._masked([momentum] * len(on), on, off=1.0)
-        self.moments += self._masked(damped, on, off=0.0) * d_direction
+        self._carry(self.moments, d_direction, on, keep=momentum, add=damped)
         return update, d_direction + momentum * self.moments if nesterov else self.moments
 
     def _adam(self, on, active, fresh, direction, d_direction):
@@ -198,13 +210,19 @@ class _Tangents:
         if d_direction is None:
             return update, None
         n = len(on)
-        self.moments *= self._masked([beta1] * n, on, off=1.0)
-        self.moments += self._masked([1 - beta1] * n, on, off=0.0) * d_direction
-        self.squares *= self._masked([beta2] * n, on, off=1.0)
-        self.squares += self._masked([2 * (1 - beta2)] * n, on, off=0.0) * (d_direction * direction)
+        self._carry(self.moments, d_direction, on, keep=beta1, add=[1 - beta1] * n)
+        self._carry(self.squares, d_direction * direction, on, keep=beta2, add=[2 * (1 - beta2)] * n)
         # d denom = d sqrt(exp_avg_sq) * bias1 / bias2_sqrt, and d sqrt(v) = dv / (2 sqrt(v)), 0 at v = 0.
         factor = torch.where(roots > 0, update * (bias1 / bias2_sqrt / 2) / roots, 0.0)
         return update, (self.moments - self.squares * factor) / denom
+
+
+def _add_scaled(target: torch.Tensor, factor: float | torch.Tensor, tensor: torch.Tensor, *, value=1.0) -> None:
+    """``target += value * factor * tensor`` in one kernel, ``factor`` a number or a factor per element."""
+    if torch.is_tensor(factor):
+        target.addcmul_(factor, tensor, value=value)
+    else:
+        target.add_(tensor, alpha=value * factor)
 
 
 def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +233,5 @@ def _contract(run, tangents: _Tangents) -> tuple[torch.Tensor, torch.Tensor]:
     grads = torch.autograd.grad(loss, tangents.params, allow_unused=True)
     used = [i for i, grad in enumerate(grads) if grad is not None]
     gradient = _Gathered(tangents.flat).of([grads[i] for i in used], used)  # zero where unused
-    groups = [index for index, group in enumerate(run.optimizer.param_groups) for _ in group["params"]]
-    group_of = torch.tensor(groups, device=gradient.device).repeat_interleave(
-        torch.tensor(tangents.flat.sizes, device=gradient.device)
-    )
-    sums = gradient.new_zeros((len(tangents.weights), len(run.optimizer.param_groups)))
-    return loss.detach(), sums.index_add_(1, group_of, tangents.weights * gradient)
+    sums = [tangents.weights[:, columns] @ gradient[columns] for columns in tangents.group_columns]
+    return loss.detach(), torch.stack(sums, dim=1)
