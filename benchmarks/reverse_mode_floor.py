@@ -94,7 +94,7 @@ def _loss(run: _Run, names: dict, params: list, weights: list, batch) -> torch.T
 # The steps are written in the order of hypermeta._private.diffopt's, so that the floor's hypergradient
 # is the unrolled window's to rounding (float32 unrolls through Adam amplify reordered roundings).
 def _heavy_ball(state: dict, grad: torch.Tensor, step: int, lr: torch.Tensor, group: dict) -> torch.Tensor:
-    state["buffer"] = grad if step == 1 else state["buffer"] * group["momentum"] + grad
+    state["buffer"] = grad if step == 1 else torch.add(state["buffer"] * group["momentum"], grad)
     return lr * state["buffer"]
 
 
@@ -103,7 +103,7 @@ def _adam(state: dict, grad: torch.Tensor, step: int, lr: torch.Tensor, group: d
     if step == 1:
         state.update(exp_avg=torch.zeros_like(grad), exp_avg_sq=torch.zeros_like(grad))
     state["exp_avg"] = torch.lerp(state["exp_avg"], grad, 1 - beta1)
-    state["exp_avg_sq"] = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+    state["exp_avg_sq"] = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
     denom = safe_sqrt(state["exp_avg_sq"]) / math.sqrt(1 - beta2**step) + eps
     return lr / (1 - beta1**step) * (state["exp_avg"] / denom)
 

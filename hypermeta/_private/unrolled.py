@@ -22,11 +22,15 @@ def unrolled_window(run, start: int, n_steps: int) -> Window:
     differentiable = diffopt.differentiable(optimizer, fmodel, model, override=None)
     train_losses = []
     norms = batch_norms(fmodel)
+    overrides = {}  # the values of a segment computed once: fewer graph nodes to go back through
     for step in range(start, start + n_steps):
         x, y = run.train_batches.next()
         fresh_buffers(norms)
         loss = run.loss_fn(fmodel(x), y)
-        differentiable.step(loss, override=hyper.override(step))
+        segment = hyper.segment(step)
+        if segment not in overrides:
+            overrides[segment] = hyper.override(step)
+        differentiable.step(loss, override=overrides[segment])
         train_losses.append(loss.detach())
     x, y = run.valid_batches.next()
     with validation_mode(fmodel):
