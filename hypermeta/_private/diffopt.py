@@ -35,7 +35,7 @@ class DifferentiableSGD(higher.optim.DifferentiableOptimizer):
                 if momentum != 0:
                     state = self.state[group_index][index]
                     buf = state.get("momentum_buffer")
-                    buf = g if buf is None else buf * momentum + (1 - group["dampening"]) * g
+                    buf = g if buf is None else torch.add(buf * momentum, g, alpha=1 - group["dampening"])
                     state["momentum_buffer"] = buf
                     g = g + momentum * buf if group["nesterov"] else buf
                 group["params"][index] = p - group["lr"] * g
@@ -56,7 +56,7 @@ class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
                 if _is_set(group["weight_decay"]):
                     g = g + group["weight_decay"] * p
                 exp_avg = torch.lerp(state["exp_avg"], g, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+                exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
                 state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
                 step_size = group["lr"] / (1 - beta1**step)
                 denom = safe_sqrt(exp_avg_sq) / math.sqrt(1 - beta2**step) + group["eps"]

@@ -28,12 +28,15 @@ def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window
     norms = batch_norms(fmodel)
     leaves = hyper.tensors()
     copies = [leaf.detach().clone().requires_grad_() for leaf in leaves] if settle else []
+    overrides = {}  # the values of a segment computed once: fewer graph nodes to go back through
     for step in range(start, start + n_steps):
         x, y = run.train_batches.next()
         fresh_buffers(norms)
         loss = run.loss_fn(fmodel(x), y)
-        settling = step >= start + n_steps - settle
-        differentiable.step(loss, override=hyper.override(step, copies if settling else None))
+        key = (hyper.segment(step), step >= start + n_steps - settle)  # (segment, settling)
+        if key not in overrides:
+            overrides[key] = hyper.override(step, copies if key[1] else None)
+        differentiable.step(loss, override=overrides[key])
         train_losses.append(loss.detach())
     x, y = run.valid_batches.next()
     with validation_mode(fmodel):
