@@ -49,7 +49,7 @@ class Hypergradient:
     Args:
         estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
             tangents through the weights and the optimizer state, training Hessian dropped;
-            about 1.3-1.5x plain training end to end), ``"unrolled"`` (exact: truncated reverse
+            about 1.2-1.3x plain training end to end), ``"unrolled"`` (exact: truncated reverse
             mode through ``horizon`` steps with ``higher``; about 2-3x) or ``"greedy"`` (Baydin
             et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step (a window), settling steps included.

@@ -8,7 +8,8 @@ touches and the weight decay. The training loss's gradient is held constant (its
 dropped); the weight-decay term ``wd * weight`` of the gradient is differentiated exactly. The
 tangents start at zero at the window start, as the unrolled estimator starts from the committed
 state, and are contracted with one validation gradient at its end. With K = 1 this is the exact
-hypergradient.
+hypergradient. With settling steps (``Hypergradient.settle``) a copy of the tangents as they stood
+before them is contracted with the same gradient: the settled hypergradient.
 
 A parameter belongs to one group and so depends on one learning rate per segment and one weight
 decay: the tangents of all parameters are one tensor of shape ``(rows, number of weights)``, a
