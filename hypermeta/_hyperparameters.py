@@ -192,7 +192,9 @@ class HyperParameters:
         ``leaves``: tensors shaped as :meth:`tensors` to take the values from instead (copies
         whose gradients are kept apart).
         """
-        log_lr, log_weight_decay = (leaves + [None])[:2] if leaves is not None else (self.log_lr, self.log_weight_decay)
+        log_lr, log_weight_decay = self.log_lr, self.log_weight_decay
+        if leaves is not None:
+            log_lr, log_weight_decay = leaves[0], (leaves[1] if log_weight_decay is not None else None)
         override = {"lr": self._per_group(log_lr[self.segment(step)].exp())}
         if log_weight_decay is not None:
             override["weight_decay"] = self._per_group(log_weight_decay.exp())

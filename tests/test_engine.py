@@ -153,6 +153,23 @@ def test_every_third_window_takes_a_hyper_step_and_the_others_train_plainly(smal
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator", ["first_order", "unrolled"])
+def test_settling_steps_reach_the_estimator_and_keep_the_plain_run(small_digits, estimator):
+    def run(settle, meta_lr=0.0):
+        torch.manual_seed(0)
+        return hypermeta.train(
+            mlp(dtype=torch.float64), data=small_digits, steps=24, batch_size=16, eval_every=24,
+            optimizer_options={"momentum": 0.9}, learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
+            weight_decay=hypermeta.WeightDecay(init=1e-3),
+            hypergradient=hypermeta.Hypergradient(estimator=estimator, horizon=8, settle=settle, meta_lr=meta_lr),
+        )
+
+    whole, settled = run(0), run(4)
+    assert not whole.trajectory["hypergradient"].equals(settled.trajectory["hypergradient"])
+    for got, want in zip(settled.model.parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # meta_lr 0: the same plain steps
+
+
 def test_on_evaluation_can_stop_a_run(small_digits):
     seen = []
     result = hypermeta.train(

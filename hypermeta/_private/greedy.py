@@ -54,7 +54,7 @@ def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
                 _accumulate(wd_directions, (0, wd_slot(index)), index, d_wd)
     valid_loss, valid_grads = _valid_gradient(run, groups)
     grads = _hypergradients(hyper, valid_grads, lr_directions, wd_directions)
-    if settled:
+    if settled is not None:
         grads = agreed(grads, _hypergradients(hyper, valid_grads, *settled))
     return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
 
