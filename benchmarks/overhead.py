@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import functools
 import math
 import pstats
 import shlex
@@ -156,16 +157,26 @@ def hyper_mode(run: _Run, estimator: str, horizon: int) -> Callable[[int], None]
             if problem:
                 raise RuntimeError(f"{estimator} window at step {step}: {problem}")
             window.commit()
-            meta.step(window.hypergradients, segment=run.hyper.segment(step))
+            meta.step(window.moves, segment=run.hyper.segment(step))
             step += horizon
 
     return advance
 
 
-def seconds(advance: Callable[[int], None], n_windows: int) -> float:
-    start = time.perf_counter()
-    advance(n_windows)
-    return time.perf_counter() - start
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run per repeat, after one warm-up each; the order rotates every repeat, so
+    that load on a shared machine falls on every run alike."""
+    for run in runs.values():
+        run()
+    order = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for repeat in range(repeats):
+        shift = repeat % len(order)
+        for name in order[shift:] + order[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def graph_mib(run: _Run, horizon: int) -> float:
@@ -192,12 +203,9 @@ def measure(name: str, horizon: int, data: Dataset, args: argparse.Namespace) ->
         "greedy": hyper_mode(runs["greedy"], "greedy", horizon),
     }
     n_windows = max(1, round(args.steps_per_sample / horizon))
-    for advance in modes.values():
-        advance(n_windows)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for repeat in range(args.repeats):
-        for mode in MODES[repeat % 3:] + MODES[: repeat % 3]:
-            times[mode].append(seconds(modes[mode], n_windows))
+    times = interleaved_seconds(
+        {mode: functools.partial(modes[mode], n_windows) for mode in MODES}, args.repeats
+    )
     ratios = {
         mode: statistics.median(t / p for t, p in zip(times[mode], times["plain"], strict=True))
         for mode in TARGETS
@@ -318,16 +326,7 @@ def end_to_end_modes(
 
 def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
     modes = end_to_end_modes(name, args.seed, args.valid_batch_size, args.every)
-    order = list(modes)
-    for run in modes.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for repeat in range(args.end_to_end_repeats):
-        shift = repeat % len(order)
-        for mode in order[shift:] + order[:shift]:
-            start = time.perf_counter()
-            modes[mode]()
-            times[mode].append(time.perf_counter() - start)
+    times = interleaved_seconds(modes, args.end_to_end_repeats)
     ratios = {
         mode: statistics.median(t / p for t, p in zip(times[mode], times["plain"], strict=True))
         for mode in modes if mode not in ("plain", "hand loop")

@@ -25,7 +25,6 @@ import math
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from hypermeta._private.diffopt import safe_sqrt
 from hypermeta._private.unrolled import unrolled_window
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
-from overhead import END_TO_END, end_to_end_data, end_to_end_model, end_to_end_modes  # noqa: E402
+from overhead import END_TO_END, end_to_end_data, end_to_end_model, end_to_end_modes, interleaved_seconds  # noqa: E402
 
 HORIZON = 20
 VALID_BATCH = 256
@@ -130,15 +129,7 @@ def modes(name: str, seed: int) -> dict[str, Callable[[], None]]:
 
 def measure(name: str, args: argparse.Namespace) -> dict:
     timed = modes(name, args.seed)
-    for run in timed.values():
-        run()
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for repeat in range(args.repeats):
-        shift = repeat % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
-            start = time.perf_counter()
-            timed[mode]()
-            times[mode].append(time.perf_counter() - start)
+    times = interleaved_seconds({mode: timed[mode] for mode in MODES}, args.repeats)
 
     def over(mode: str, base: str = "plain") -> float:
         return statistics.median(t / b for t, b in zip(times[mode], times[base], strict=True))

@@ -358,8 +358,8 @@ class HyperOptimizer:
         window.commit()
         self._failures = 0
         _record(self._run, end, window)
-        if self._meta and window.hypergradients is not None:
-            self._meta.step(window.hypergradients, segment=self._run.hyper.segment(start))
+        if self._meta and window.moves is not None:
+            self._meta.step(window.moves, segment=self._run.hyper.segment(start))
         self.steps = end
         self.last_train_loss = window.train_loss
         return True
@@ -716,7 +716,7 @@ def _plain_window(run: _Run, start: int, n_steps: int) -> Window:
 
 
 def _record(run: _Run, step: int, window: Window) -> None:
-    grads = window.hypergradients
+    grads = window.moves
     valid_loss = float("nan") if window.valid_loss is None else float(window.valid_loss)
     train_loss = float(window.train_loss)
     leaves = run.hyper.tensors()

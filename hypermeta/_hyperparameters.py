@@ -11,7 +11,6 @@ _SCOPES = ("global", "per_group")
 
 LR_BOUNDS = (1e-6, 10.0)
 WEIGHT_DECAY_BOUNDS = (1e-8, 1.0)
-_ROUNDING = 1e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,10 +243,9 @@ class HyperParameters:
             if key not in entries:
                 raise ValueError(f"no hyperparameter {key!r}; this run has {', '.join(entries)}")
             spec = self.learning_rate if key.startswith("lr/") else self.weight_decay
-            low, high = spec.bounds
-            # A value a run stored at a bound comes back a float32 rounding error beyond it.
-            if not low * (1 - _ROUNDING) <= value <= high * (1 + _ROUNDING):
+            if not within_bounds(value, spec.bounds):
                 raise ValueError(f"{key} = {value!r} is outside its bounds {spec.bounds!r}")
+            low, high = spec.bounds
             tensor, index = entries[key]
             tensor.view(-1)[index] = math.log(min(max(value, low), high))
         self.start_log_lr = self.log_lr.detach().clone()
@@ -259,3 +257,9 @@ class HyperParameters:
     def load_state(self, state: list[torch.Tensor]) -> None:
         for tensor, saved in zip(self.tensors(), state, strict=True):
             tensor.copy_(saved)
+
+
+def within_bounds(value: float, bounds: tuple[float, float]) -> bool:
+    """``value`` in ``bounds``; a value a run stored at a bound comes back a float32 rounding error beyond it."""
+    low, high = bounds
+    return low * (1 - 1e-5) <= value <= high * (1 + 1e-5)

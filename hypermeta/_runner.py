@@ -21,6 +21,7 @@ from tqdm import tqdm
 from hypermeta import _storage
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import RunError, Terminated, UsageError
+from hypermeta._hyperparameters import within_bounds
 from hypermeta._records import (
     EVALUATIONS_FILE,
     FAIL_REASON,
@@ -36,7 +37,7 @@ from hypermeta._records import (
     TRAJECTORY_FILE,
     describe_layers,
 )
-from hypermeta._study import Setup, Study, resolve, setup_problem
+from hypermeta._study import Setup, Study, hyperparameter_keys, resolve, setup_problem, spec_of
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -94,8 +95,10 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     check_device(options.device)
     if options.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
-    _check_build(study)
+    setup = _check_build(study)
     warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
+    if warm is not None:
+        _check_warm_start(setup, warm)
     _storage.check_url(options.storage or _storage.default_url(), create=True)
     directory = _storage.artifact_directory(options.storage, options.artifacts)
     store, created = _storage.new_artifact_store(options.storage, options.artifacts)
@@ -264,7 +267,7 @@ class TrialTakenOver(BaseException):
         self.number = number
 
 
-def _check_build(study: Study) -> None:
+def _check_build(study: Study) -> Setup | EpisodicSetup:
     """Build one throw-away trial in memory, so a broken build function writes nothing anywhere."""
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     try:
@@ -279,6 +282,21 @@ def _check_build(study: Study) -> None:
     problem = setup_problem(setup, study.metric)
     if problem:
         raise UsageError(f"study {study.name!r}: {problem}")
+    return setup
+
+
+def _check_warm_start(setup: Setup | EpisodicSetup, warm: dict) -> None:
+    """Every warm-start value this set-up takes must lie where its hypergradients may move it."""
+    if isinstance(setup, EpisodicSetup):
+        raise UsageError(f"--warm-start {warm['study']!r}: an episodic study learns its inner rates; drop --warm-start")
+    keys = hyperparameter_keys(setup)
+    for key, value in warm["values"].items():
+        bounds = spec_of(setup, key).bounds if key in keys else None
+        if bounds and not within_bounds(value, bounds):
+            raise UsageError(
+                f"--warm-start {warm['study']!r}: its {key} = {value:.3g} lies outside this study's range "
+                f"({bounds[0]:g}, {bounds[1]:g}); widen the range (or its bounds) to include it, or drop --warm-start"
+            )
 
 
 class TrialRunner:

@@ -77,3 +77,16 @@ def test_bad_warm_starts_are_one_line_errors_and_write_nothing(storages, capsys,
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
     assert "other" not in optuna.get_all_study_names(storage=url)
+
+
+def test_a_warm_start_outside_the_studys_range_is_a_one_line_error_and_writes_nothing(storages, capsys):
+    directory, url = storages
+    source = optuna.load_study(study_name="source", storage=url)
+    learned = source.best_trial.user_attrs["hyperparameters"]["lr/0/0"]
+    narrow = STUDY.replace("NAME", "narrow").replace("init=(0.01, 0.5)", f"init=({learned * 2:.6g}, {learned * 4:.6g})")
+    (directory / "narrow.py").write_text(narrow)
+    arguments = ["run", str(directory / "narrow.py"), "--storage", url, "--quiet", "--warm-start", "source"]
+    assert _cli.main(arguments) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "its lr/0/0 = " in error[0] and "outside this study's range" in error[0], error
+    assert "narrow" not in optuna.get_all_study_names(storage=url)

@@ -26,13 +26,13 @@ import torch
 
 from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import set_values, snapshot, trained_in_place
-from hypermeta._private.window import Window, agreed
+from hypermeta._private.window import Window
 
 
 def first_order_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
     """With ``settle``, the tangents as they stood before the last ``settle`` steps (the
     settled hypergradient: the Hessian that would carry them on is dropped anyway) and at the end
-    are contracted with the same validation gradient; the window moves the values by ``agreed``."""
+    are contracted with the same validation gradient."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
     first_segment = hyper.segment(start)
@@ -53,9 +53,11 @@ def first_order_window(run, start: int, n_steps: int, *, settle: int = 0) -> Win
         train_losses.append(loss.detach())
         tangents.step(lr_row=segment - first_segment)
     valid_loss, sums = _contract(run, tangents, tangents.weights, *([] if settled is None else [settled]))
-    grads = [_hypergradients(hyper, of_set, first_segment, n_lr_rows, wd_row) for of_set in sums]
-    grads = grads[0] if settled is None else agreed(*grads)
-    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
+    whole, *settled = [_hypergradients(hyper, of_set, first_segment, n_lr_rows, wd_row) for of_set in sums]
+    return trained_in_place(
+        model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=whole,
+        settled=settled[0] if settled else None,
+    )
 
 
 def _hypergradients(hyper, sums: torch.Tensor, first_segment: int, n_lr_rows: int, wd_row: int | None):

@@ -15,12 +15,12 @@ import torch
 
 from hypermeta._private.modes import validation_mode
 from hypermeta._private.plain import plain_step, snapshot, trained_in_place
-from hypermeta._private.window import Window, agreed
+from hypermeta._private.window import Window
 
 
 def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
     """With ``settle``, the directions as they stood before the last ``settle`` steps and at the
-    end are contracted with the same validation gradient; the window moves the values by ``agreed``."""
+    end are contracted with the same validation gradient."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
     groups = [[p.detach() for p in group["params"]] for group in optimizer.param_groups]
@@ -53,10 +53,11 @@ def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
                 ]
                 _accumulate(wd_directions, (0, wd_slot(index)), index, d_wd)
     valid_loss, valid_grads = _valid_gradient(run, groups)
-    grads = _hypergradients(hyper, valid_grads, lr_directions, wd_directions)
-    if settled is not None:
-        grads = agreed(grads, _hypergradients(hyper, valid_grads, *settled))
-    return trained_in_place(model, optimizer, saved, train_losses, valid_loss=valid_loss, hypergradients=grads)
+    return trained_in_place(
+        model, optimizer, saved, train_losses, valid_loss=valid_loss,
+        hypergradients=_hypergradients(hyper, valid_grads, lr_directions, wd_directions),
+        settled=None if settled is None else _hypergradients(hyper, valid_grads, *settled),
+    )
 
 
 def _hypergradients(hyper, valid_grads, lr_directions: dict, wd_directions: dict) -> list[torch.Tensor]:

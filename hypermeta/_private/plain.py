@@ -59,9 +59,11 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved) -> 
     load_optimizer_state(optimizer, state)
 
 
-def trained_in_place(model, optimizer, saved, train_losses, *, valid_loss=None, hypergradients=None) -> Window:
+def trained_in_place(
+    model, optimizer, saved, train_losses, *, valid_loss=None, hypergradients=None, settled=None
+) -> Window:
     """The window of plain steps already taken on ``model``: nothing to commit, undone from ``saved``."""
     return Window(
         train_loss=torch.stack(train_losses).mean(), valid_loss=valid_loss, hypergradients=hypergradients,
-        commit=nothing, rollback=lambda: restore(model, optimizer, saved),
+        settled=settled, commit=nothing, rollback=lambda: restore(model, optimizer, saved),
     )

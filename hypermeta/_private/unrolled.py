@@ -7,7 +7,7 @@ import torch
 
 from hypermeta._private import diffopt
 from hypermeta._private.modes import batch_norms, copy_buffers, fresh_buffers, validation_mode
-from hypermeta._private.window import Window, agreed, nothing
+from hypermeta._private.window import Window, nothing
 
 
 def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
@@ -15,7 +15,7 @@ def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window
 
     The last ``settle`` steps take their values from copies of the leaves, so one backward pass
     gives both the whole window's hypergradient and the settled one (without those steps), each
-    exact; the window moves the values by :func:`~hypermeta._private.window.agreed`.
+    exact.
 
     The patched model trains in train mode on its own copies of the buffers (BatchNorm running
     statistics), which commit writes back with the weights; the validation loss is taken in
@@ -43,14 +43,14 @@ def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window
         valid_loss = run.loss_fn(fmodel(x), y)
     grads = torch.autograd.grad(valid_loss, leaves + copies, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves + copies, grads, strict=True)]
-    if settle:
-        settled, of_settling = grads[:len(leaves)], grads[len(leaves):]
-        grads = agreed([s + c for s, c in zip(settled, of_settling, strict=True)], settled)
+    settled, of_settling = grads[:len(leaves)], grads[len(leaves):]
+    whole = [s + c for s, c in zip(settled, of_settling, strict=True)] if settle else settled
     fast_params = list(fmodel.fast_params)
     return Window(
         train_loss=torch.stack(train_losses).mean(),
         valid_loss=valid_loss.detach(),
-        hypergradients=grads,
+        hypergradients=whole,
+        settled=settled if settle else None,
         commit=lambda: _write_back(differentiable, optimizer, model, fmodel, fast_params),
         rollback=nothing,
     )

@@ -10,7 +10,9 @@ import torch
 
 @dataclass
 class Window:
-    """``hypergradients`` are d(valid loss)/d(log value), one tensor per hyperparameter leaf.
+    """``hypergradients`` are d(valid loss)/d(log value), one tensor per hyperparameter leaf;
+    ``settled`` the same without the effect of the window's settling steps (``None``: it has none).
+    The values move by :attr:`moves`.
 
     ``commit`` makes the window's training permanent; ``rollback`` undoes it. The engine calls
     exactly one of them.
@@ -21,6 +23,14 @@ class Window:
     hypergradients: list[torch.Tensor] | None
     commit: Callable[[], None]
     rollback: Callable[[], None]
+    settled: list[torch.Tensor] | None = None
+
+    @property
+    def moves(self) -> list[torch.Tensor] | None:
+        """What the meta-optimizer steps on: the hypergradient, or :func:`agreed` where the window settles."""
+        if self.hypergradients is None or self.settled is None:
+            return self.hypergradients
+        return agreed(self.hypergradients, self.settled)
 
     def problem(self, loss_limit: float) -> str | None:
         """Why this window must be rejected, or ``None`` if it is sound."""
@@ -29,7 +39,7 @@ class Window:
                 return f"{what} is not finite"
             if value is not None and value > loss_limit:
                 return f"{what} {float(value):.4g} exceeds the limit {loss_limit:.4g}"
-        if not all(bool(torch.isfinite(g).all()) for g in self.hypergradients or []):
+        if not all(bool(torch.isfinite(g).all()) for g in [*(self.hypergradients or []), *(self.settled or [])]):
             return "hypergradient is not finite"
         return None
 

@@ -179,19 +179,21 @@ def test_unrolled_with_settling_steps_moves_only_where_both_exact_hypergradients
     window = unrolled_window(_run(small_digits, optimizer, case), WARMUP, n_steps, settle=settle)
     whole = _finite_differences(small_digits, optimizer, case, unrolled_window, n_steps)
     settled = _settled_finite_differences(small_digits, optimizer, case, n_steps, settle)
+    _assert_close(window.hypergradients, whole)
+    _assert_close(window.settled, settled)
     expected = agreed(whole, settled)
     assert any(bool((e != 0).any()) for e in expected)
-    for got, want, one, other in zip(window.hypergradients, expected, whole, settled, strict=True):
+    for got, want, one, other in zip(window.moves, expected, whole, settled, strict=True):
         assert torch.equal(got == 0, want == 0), f"moved {got}, expected {want} (whole {one}, settled {other})"
-    _assert_close([g[g != 0] for g in window.hypergradients], [e[e != 0] for e in expected])
+    _assert_close([g[g != 0] for g in window.moves], [e[e != 0] for e in expected])
 
 
 @pytest.mark.parametrize("optimizer", sorted(set(SETUPS) - {"sgd"}))
 def test_first_order_with_settling_steps_points_where_the_unroll_points(small_digits, optimizer):
-    """K = 20 with the last 10 steps settling, each kind separately."""
+    """K = 20 with the last 10 steps settling: the settled estimates, each kind separately."""
     run = lambda: _run(small_digits, optimizer, "per-group weight decay", total=WARMUP + LONG)  # noqa: E731
-    exact = unrolled_window(run(), WARMUP, LONG, settle=LONG // 2).hypergradients
-    first_order = first_order_window(run(), WARMUP, LONG, settle=LONG // 2).hypergradients
+    exact = unrolled_window(run(), WARMUP, LONG, settle=LONG // 2).settled
+    first_order = first_order_window(run(), WARMUP, LONG, settle=LONG // 2).settled
     for kind, want, got in zip(("lr", "weight decay"), exact, first_order, strict=True):
         cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
         assert cosine >= 0.95, f"{kind}: cosine {cosine:.3f}, first-order {got} vs exact {want}"
@@ -200,11 +202,12 @@ def test_first_order_with_settling_steps_points_where_the_unroll_points(small_di
 def test_greedy_and_first_order_agree_with_settling_steps_on_plain_sgd(small_digits):
     """Plain SGD carries nothing through the optimizer state: the two estimates are the same."""
     run = lambda: _run(small_digits, "sgd", "per-group lr", total=WARMUP + LONG)  # noqa: E731
-    greedy = greedy_window(run(), WARMUP, LONG, settle=5).hypergradients
-    first_order = first_order_window(run(), WARMUP, LONG, settle=5).hypergradients
-    for got, want in zip(greedy, first_order, strict=True):
-        torch.testing.assert_close(got, want)
-    assert not torch.allclose(greedy[0], greedy_window(run(), WARMUP, LONG).hypergradients[0])
+    greedy = greedy_window(run(), WARMUP, LONG, settle=5)
+    first_order = first_order_window(run(), WARMUP, LONG, settle=5)
+    for estimate in ("hypergradients", "settled"):
+        for got, want in zip(getattr(greedy, estimate), getattr(first_order, estimate), strict=True):
+            torch.testing.assert_close(got, want)
+    assert not torch.allclose(greedy.settled[0], greedy.hypergradients[0])
 
 
 def test_unrolled_hypergradient_only_reaches_segments_the_window_used(small_digits):
