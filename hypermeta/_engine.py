@@ -49,8 +49,8 @@ class Hypergradient:
     Args:
         estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
             tangents through the weights and the optimizer state, training Hessian dropped;
-            about 1.2-1.3x plain training end to end), ``"unrolled"`` (exact: truncated reverse
-            mode through ``horizon`` steps with ``higher``; about 2-3x) or ``"greedy"`` (Baydin
+            about 1.2-1.4x plain training end to end), ``"unrolled"`` (exact: truncated reverse
+            mode through ``horizon`` steps with ``higher``; about 2-3.5x) or ``"greedy"`` (Baydin
             et al. 2018: the optimizer state also held fixed). See docs/estimators.md.
         horizon: K, the inner steps per hyper-step (a window), settling steps included.
         settle: the window's last steps whose own effect the second estimate leaves out
@@ -720,12 +720,13 @@ def _record(run: _Run, step: int, window: Window) -> None:
     valid_loss = float("nan") if window.valid_loss is None else float(window.valid_loss)
     train_loss = float(window.train_loss)
     leaves = run.hyper.tensors()
+    values = [leaf.detach().exp().flatten().tolist() for leaf in leaves]  # one conversion per leaf, not per entry
+    moved = None if grads is None else [grad.flatten().tolist() for grad in grads]
     for name, group, segment, tensor, index in run.hyper.entries():
         leaf = next(i for i, t in enumerate(leaves) if t is tensor)
         run.rows.append({
-            "step": step, "name": name, "group": group, "segment": segment,
-            "value": float(tensor.detach().flatten()[index].exp()),
-            "hypergradient": float("nan") if grads is None else float(grads[leaf].flatten()[index]),
+            "step": step, "name": name, "group": group, "segment": segment, "value": values[leaf][index],
+            "hypergradient": float("nan") if moved is None else moved[leaf][index],
             "train_loss": train_loss, "valid_loss": valid_loss,
         })
 

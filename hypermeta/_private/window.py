@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,11 +35,12 @@ class Window:
 
     def problem(self, loss_limit: float) -> str | None:
         """Why this window must be rejected, or ``None`` if it is sound."""
-        for what, value in (("training loss", self.train_loss), ("validation loss", self.valid_loss)):
-            if value is not None and not torch.isfinite(value):
+        for what, loss in (("training loss", self.train_loss), ("validation loss", self.valid_loss)):
+            value = None if loss is None else float(loss)
+            if value is not None and not math.isfinite(value):
                 return f"{what} is not finite"
             if value is not None and value > loss_limit:
-                return f"{what} {float(value):.4g} exceeds the limit {loss_limit:.4g}"
+                return f"{what} {value:.4g} exceeds the limit {loss_limit:.4g}"
         if not all(bool(torch.isfinite(g).all()) for g in [*(self.hypergradients or []), *(self.settled or [])]):
             return "hypergradient is not finite"
         return None
