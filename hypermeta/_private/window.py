@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class Window:
     rollback: Callable[[], None]
     settled: list[torch.Tensor] | None = None
 
-    @property
+    @functools.cached_property
     def moves(self) -> list[torch.Tensor] | None:
         """What the meta-optimizer steps on: the hypergradient, or :func:`agreed` where the window settles."""
         if self.hypergradients is None or self.settled is None:
