@@ -60,7 +60,15 @@ from torch import nn
 
 import hypermeta
 from hypermeta._data import Batches, Dataset
-from hypermeta._engine import _ESTIMATORS, _PLAIN_WINDOW, Hypergradient, _MetaStep, _Run, build_run, parameter_groups
+from hypermeta._engine import (
+    _ESTIMATORS,
+    Hypergradient,
+    _MetaStep,
+    _Run,
+    build_run,
+    evaluation_cadence,
+    parameter_groups,
+)
 from hypermeta._hyperparameters import LearningRate
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
@@ -302,7 +310,7 @@ def end_to_end_modes(
             end_to_end_model(name, seed), data=data, seed=seed, hypergradient=hypergradient, **settings
         )
 
-    plain_every = _PLAIN_WINDOW * max(1, steps // (10 * _PLAIN_WINDOW))  # train()'s default cadence
+    plain_every = evaluation_cadence(steps, None, None)  # train()'s default cadence
     modes = {
         "hand loop": lambda: hand_loop(end_to_end_model(name, seed), data, settings, plain_every, seed),
         "plain": train(None),
@@ -338,7 +346,7 @@ def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
 def print_end_to_end(rows: list[dict]) -> None:
     estimators = [key for key in rows[0] if key not in ("model", "plain / hand loop", "plain_s")]
     print(f"default Hypergradient(): estimator={Hypergradient().estimator!r}, horizon={Hypergradient().horizon}, "
-          f"valid_batch_size={Hypergradient().valid_batch_size}\n")
+          f"valid_batch_size={Hypergradient().valid_batch_size}, every={Hypergradient().every}\n")
     print("| model | " + " | ".join(f"{e} / plain" for e in estimators)
           + " | plain train() / hand loop | plain train() s |")
     print("|---|" + "---:|" * (len(estimators) + 2))

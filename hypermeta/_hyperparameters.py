@@ -185,6 +185,15 @@ class HyperParameters:
             return None
         return self._per_group(self.log_weight_decay.exp())
 
+    def group_floats(self, step: int) -> tuple[list[float], list[float] | None]:
+        """:meth:`lrs` and :meth:`weight_decays` as Python numbers, one conversion per leaf."""
+        lrs = self.log_lr[self.segment(step)].exp().tolist()
+        weight_decays = None if self.log_weight_decay is None else self.log_weight_decay.exp().tolist()
+        return self._broadcast(lrs), weight_decays and self._broadcast(weight_decays)
+
+    def _broadcast(self, values: list[float]) -> list[float]:
+        return values * len(self.group_names) if len(values) == 1 else values
+
     def override(self, step: int, leaves: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
         """``higher``-style override of the optimizer settings for inner step ``step``.
 

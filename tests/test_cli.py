@@ -41,7 +41,7 @@ def build(trial):
         model=model, data=DATA, steps={steps}, batch_size=32, optimizer_options={{"momentum": 0.9}},
         learning_rate=hypermeta.LearningRate(init=trial.suggest_{lr}),
         weight_decay=hypermeta.WeightDecay(init=1e-4),
-        hypergradient=hypermeta.Hypergradient(horizon=10),
+        hypergradient=hypermeta.Hypergradient(horizon=10, every=1),
     )
 
 

@@ -66,9 +66,12 @@ def _digits_run(data, lr, hypergradient, **kwargs):
 
 
 def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
-    """0.01 is 10x below the best fixed rate on this task (0.1, see benchmarks/short_horizon.py)."""
+    """0.01 is 10x below the best fixed rate on this task (0.1, see benchmarks/short_horizon.py).
+
+    600 steps are 15 windows: a hyper-step on every one (the default takes one in four) is what a short run needs.
+    """
     plain = _digits_run(digits, 0.01, None)
-    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient())
+    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient(every=1))
     final_lr = learned.hyperparameters["lr/all/0"]
     assert 0.03 < final_lr < 1.0
     assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
@@ -93,6 +96,28 @@ def test_exploding_meta_step_is_rejected_and_the_run_recovers(digits):
 def test_plain_run_that_diverges_stops_without_raising(digits):
     result = _digits_run(digits, 10.0, None)
     assert result.status == "diverged" and result.steps < 600
+    assert result.steps % 60 == 0  # a plain window runs to the next evaluation, and the rejected one is undone
+    assert torch.isfinite(torch.cat([p.flatten() for p in result.model.parameters()])).all()
+
+
+def test_a_plain_window_runs_to_the_next_evaluation_with_the_values_of_each_segment(small_digits):
+    rates = {"lr/all/0": 0.05, "lr/all/1": 0.2, "lr/all/2": 0.01}
+    result = hypermeta.train(
+        mlp(dtype=torch.float64), data=small_digits, steps=30, batch_size=16, eval_every=15,
+        learning_rate=hypermeta.LearningRate(init=0.05, segments=3), initial_values=rates,
+    )
+    assert result.trajectory["step"].unique().tolist() == result.evaluations["step"].tolist() == [15, 30]
+    model = mlp(dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = Batches(small_digits.train, batch_size=16, generator=torch.Generator().manual_seed(0))
+    for step in range(30):  # segments of 10 steps; the window of steps 0-14 spans two
+        optimizer.param_groups[0]["lr"] = rates[f"lr/all/{step // 10}"]
+        x, y = batches.next()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for got, want in zip(result.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_step(small_digits):
@@ -100,7 +125,7 @@ def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_ste
         mlp(dtype=torch.float64), data=small_digits, steps=20, batch_size=16,
         learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group", segments=2),
         weight_decay=hypermeta.WeightDecay(init=1e-3),
-        hypergradient=hypermeta.Hypergradient(horizon=5),
+        hypergradient=hypermeta.Hypergradient(horizon=5, every=1),
     )
     trajectory = result.trajectory
     assert list(trajectory.columns) == hypermeta.TRAJECTORY_COLUMNS
@@ -120,7 +145,7 @@ def test_a_segment_starts_where_the_previous_one_ended_unless_told_otherwise(sma
     result = hypermeta.train(
         mlp(dtype=torch.float64), data=small_digits, steps=40, batch_size=16,
         learning_rate=hypermeta.LearningRate(init=0.05, segments=2),
-        hypergradient=hypermeta.Hypergradient(horizon=5, meta_lr=0.3, carry_segments=carry),
+        hypergradient=hypermeta.Hypergradient(horizon=5, meta_lr=0.3, carry_segments=carry, every=1),
     )
     values = result.trajectory.pivot_table(index="step", columns="segment", values="value")
     first, ended = values[0], values[0][25]  # rows hold the values a window trained with

@@ -37,7 +37,7 @@ def own_loop(data, hypergradient, *, steps=STEPS, **options):
 @pytest.mark.parametrize("estimator", ["unrolled", "greedy"])
 def test_own_loop_is_train(small_digits, estimator):
     """The same batches give the same hyperparameter trajectory and weights as hypermeta.train."""
-    hypergradient = hypermeta.Hypergradient(estimator=estimator, horizon=HORIZON, meta_lr=0.1)
+    hypergradient = hypermeta.Hypergradient(estimator=estimator, horizon=HORIZON, meta_lr=0.1, every=1)
     hyper, _ = own_loop(small_digits, hypergradient)
     result = hypermeta.train(
         mlp(dtype=torch.float64), data=small_digits, steps=STEPS, batch_size=16, optimizer_options={"momentum": 0.9},
@@ -60,7 +60,7 @@ def test_own_loop_is_train(small_digits, estimator):
 
 
 def test_valid_loss_is_called_only_when_a_window_ends(small_digits):
-    hyper, validations = own_loop(small_digits, hypermeta.Hypergradient(horizon=HORIZON), steps=13)
+    hyper, validations = own_loop(small_digits, hypermeta.Hypergradient(horizon=HORIZON, every=1), steps=13)
     assert validations == [5, 10]  # during the 5th and 10th steps; steps 11-13 are a window not yet ended
     assert hyper.steps == 10 and hyper.trajectory["step"].unique().tolist() == [5, 10]
 
@@ -140,7 +140,7 @@ def build(trial):
     return hypermeta.Setup(
         model=torch.nn.Linear(64, 10), steps=40, loop=loop,
         learning_rate=hypermeta.LearningRate(init=trial.suggest_float("lr", 0.02, 0.5, log=True)),
-        hypergradient=hypermeta.Hypergradient(horizon=10),
+        hypergradient=hypermeta.Hypergradient(horizon=10, every=1),
     )
 
 

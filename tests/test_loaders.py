@@ -44,7 +44,7 @@ def test_dataloader_run_trains_with_hypergradients(digits):
     result = hypermeta.train(
         mlp(), data=loaders(digits_pairs(digits)), steps=60,
         learning_rate=hypermeta.LearningRate(init=0.1), eval_every=30,
-        hypergradient=hypermeta.Hypergradient(horizon=10, valid_batches=2),
+        hypergradient=hypermeta.Hypergradient(horizon=10, valid_batches=2, every=1),
     )
     assert result.status == "completed" and result.steps == 60
     assert result.evaluations["step"].tolist() == [30, 60]

@@ -12,11 +12,11 @@ from hypermeta._private.window import Window, nothing
 @torch.no_grad()
 def set_values(optimizer: torch.optim.Optimizer, hyper: HyperParameters, step: int) -> None:
     """Write the hyperparameters' values for ``step`` into the optimizer's groups."""
-    weight_decays = hyper.weight_decays()
-    for index, (group, lr) in enumerate(zip(optimizer.param_groups, hyper.lrs(step), strict=True)):
-        group["lr"] = float(lr)
+    lrs, weight_decays = hyper.group_floats(step)
+    for index, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
+        group["lr"] = lr
         if weight_decays is not None:
-            group["weight_decay"] = float(weight_decays[index])
+            group["weight_decay"] = weight_decays[index]
 
 
 def plain_step(model, optimizer, hyper, loss_fn, batch, step: int) -> torch.Tensor:
