@@ -187,12 +187,10 @@ class HyperParameters:
 
     def group_floats(self, step: int) -> tuple[list[float], list[float] | None]:
         """:meth:`lrs` and :meth:`weight_decays` as Python numbers, one conversion per leaf."""
-        lrs = self.log_lr[self.segment(step)].exp().tolist()
-        weight_decays = None if self.log_weight_decay is None else self.log_weight_decay.exp().tolist()
-        return self._broadcast(lrs), weight_decays and self._broadcast(weight_decays)
-
-    def _broadcast(self, values: list[float]) -> list[float]:
-        return values * len(self.group_names) if len(values) == 1 else values
+        lrs = self._per_group(self.log_lr[self.segment(step)].exp().tolist())
+        if self.log_weight_decay is None:
+            return lrs, None
+        return lrs, self._per_group(self.log_weight_decay.exp().tolist())
 
     def override(self, step: int, leaves: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
         """``higher``-style override of the optimizer settings for inner step ``step``.
@@ -208,10 +206,11 @@ class HyperParameters:
             override["weight_decay"] = self._per_group(log_weight_decay.exp())
         return override
 
-    def _per_group(self, values: torch.Tensor) -> list[torch.Tensor]:
-        if values.numel() == 1:
+    def _per_group(self, values):
+        """One entry per group from a 1-d tensor or list: a global value repeated, else the values."""
+        if len(values) == 1:
             return [values[0]] * len(self.group_names)
-        return list(values.unbind())
+        return list(values)
 
     @torch.no_grad()
     def project(self) -> None:
