@@ -10,12 +10,16 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4]
+        [--every 4] [--lr-floor 0.1]
+
+``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
+lower bound of the study's learning rate, which otherwise is the low end of its range).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -23,6 +27,7 @@ import torch
 import hypermeta
 from hypermeta._compare import Budget, long_run
 from hypermeta._runner import load_study_file
+from hypermeta._study import starting_value
 
 STUDIES = {"studies/digits_mlp.py": 20.0, "studies/digits_highdim.py": 30.0, "studies/mnist1d_cnn.py": 60.0}
 
@@ -40,6 +45,17 @@ def _show(moved: tuple[float, float] | None) -> str:
     return "-" if moved is None else f"{moved[0]:.2g}..{moved[1]:.2g}x"
 
 
+def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
+    """``study`` whose learning rates start at their defaults and stay at or above ``floor`` times them."""
+    def build(trial):
+        setup = study.build(trial)
+        rate = setup.learning_rate
+        start = starting_value(rate)
+        floored = dataclasses.replace(rate, init=start, bounds=(floor * start, rate.bounds[1]))
+        return dataclasses.replace(setup, learning_rate=floored)
+    return dataclasses.replace(study, build=build)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="*", default=list(STUDIES))
@@ -51,6 +67,7 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
+    parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
@@ -64,8 +81,9 @@ def main() -> None:
         for seed in range(args.seeds):
             order = ("fixed", "adaptive") if seed % 2 == 0 else ("adaptive", "fixed")
             for arm in order:
-                row = long_run(study, budget=budget, seed=seed,
-                               hypergradient=hypergradient if arm == "adaptive" else None)
+                adaptive = arm == "adaptive"
+                row = long_run(_with_lr_floor(study, args.lr_floor) if adaptive and args.lr_floor else study,
+                               budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None)
                 rows[arm].append(row)
                 print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, valid {row['value']:.4f}, "
                       f"test accuracy {row.get('test_accuracy', float('nan')):.4f}, "
@@ -79,8 +97,11 @@ def main() -> None:
                   f"{statistics.median(r['value'] for r in of_arm):.4f} | "
                   f"{statistics.median(r.get('test_accuracy', float('nan')) for r in of_arm):.4f} | "
                   f"{statistics.median(lowest):.2g}x |")
-        wins = sum(a["value"] < f["value"] for a, f in zip(rows["adaptive"], rows["fixed"], strict=True))
-        print(f"adaptive ended with the lower validation loss in {wins} of {args.seeds} seeds\n", flush=True)
+        pairs = list(zip(rows["adaptive"], rows["fixed"], strict=True))
+        lower = sum(a["value"] < f["value"] for a, f in pairs)
+        higher = sum(a.get("test_accuracy", 0.0) > f.get("test_accuracy", 0.0) for a, f in pairs)
+        print(f"adaptive ended with the lower validation loss in {lower} of {args.seeds} seeds "
+              f"and the higher test accuracy in {higher}\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hypermeta
-from hypermeta import _cli, _compare
+from hypermeta import _cli, _compare, _runner
 from hypermeta._compare import ARMS
 from hypermeta._private.files import MARKER
 
@@ -244,3 +244,20 @@ def test_a_trial_still_training_at_the_deadline_is_pruned_at_its_next_evaluation
     assert trial.user_attrs["steps"] == 10  # the first evaluation (of 40 steps, evaluated every 10)
     search.optimize(TrialRunner(study, seed=0, device="cpu", online=False), n_trials=1, catch=(Exception,))
     assert search.trials[-1].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_long_run_benchmark_floor_keeps_every_adaptive_rate_at_or_above_its_fraction_of_the_start(tmp_path):
+    study_file = tmp_path / "tiny.py"
+    study_file.write_text(STUDY)
+    with_lr_floor = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "long_run.py"))["_with_lr_floor"]
+    floored = with_lr_floor(_runner.load_study_file(str(study_file)), 0.9)
+    start = math.sqrt(0.01 * 0.5)
+    _, setup, _ = _compare._black_box_defaults(floored)
+    assert setup.learning_rate.init == pytest.approx(start)
+    assert setup.learning_rate.bounds == pytest.approx((0.9 * start, 0.5))
+    row = _compare.long_run(floored, budget=_compare.Budget(steps=200), seed=0,
+                            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1))
+    finals = {key: value for key, value in row.items() if key.startswith("final lr/")}
+    assert len(finals) == 4  # 2 layers x 2 segments
+    assert all(value >= 0.9 * start * (1 - 1e-6) for value in finals.values())
+    assert any(not math.isclose(value, start) for value in finals.values())  # the rates did move
