@@ -10,10 +10,12 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4] [--lr-floor 0.1]
+        [--every 4] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).
+``--trace N`` also prints each run's best evaluation and N evaluations spread over the run, with
+the losses and (adaptive runs) the learning rates and weight decays in force at that step.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
     return dataclasses.replace(study, build=build)
 
 
+def _trace(result: hypermeta.TrainResult, points: int) -> None:
+    evaluations = result.evaluations.set_index("step")
+    best = evaluations["valid_loss"].idxmin()
+    print(f"  best valid loss {evaluations.loc[best, 'valid_loss']:.4f} at step {best}")
+    trajectory = result.trajectory
+    values = trajectory.assign(key=trajectory["name"] + "/" + trajectory["group"].astype(str)).pivot_table(
+        index="step", columns="key", values="value")
+    at = evaluations.iloc[sorted({round(i * (len(evaluations) - 1) / max(points - 1, 1)) for i in range(points)})]
+    for step, row in at.iterrows():
+        held = values[values.index <= step].iloc[-1:]  # the values of the last window that began by then
+        shown = " ".join(f"{key} {value:.2g}" for key, value in held.iloc[0].items()) if len(held) else ""
+        print(f"  step {step:>6}: train {row['train_loss']:.4f}, valid {row['valid_loss']:.4f}  {shown}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="*", default=list(STUDIES))
@@ -68,6 +84,7 @@ def main() -> None:
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
+    parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
@@ -82,12 +99,17 @@ def main() -> None:
             order = ("fixed", "adaptive") if seed % 2 == 0 else ("adaptive", "fixed")
             for arm in order:
                 adaptive = arm == "adaptive"
+                traced = []
                 row = long_run(_with_lr_floor(study, args.lr_floor) if adaptive and args.lr_floor else study,
-                               budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None)
+                               budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None,
+                               on_result=traced.append)
                 rows[arm].append(row)
                 print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, valid {row['value']:.4f}, "
-                      f"test accuracy {row.get('test_accuracy', float('nan')):.4f}, "
+                      f"test loss {row.get('test_loss', float('nan')):.4f}, "
+                      f"accuracy {row.get('test_accuracy', float('nan')):.4f}, "
                       f"lr {_show(_moved(row, 'lr'))}, weight decay {_show(_moved(row, 'weight_decay'))}", flush=True)
+                if args.trace:
+                    _trace(traced[0], args.trace)
         print(f"\n{study.name}, {budget.seconds:g} s per run, median over {args.seeds} seeds:")
         print("| run | steps | final valid loss | test accuracy | lr final/start (lowest) |")
         print("|---|---|---|---|---|")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from hypermeta._engine import Hypergradient
+from hypermeta._engine import Hypergradient, TrainResult
 from hypermeta._engine import evaluation_cadence as engine_cadence
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
@@ -153,13 +154,15 @@ def _defaults(study: Study, budget: Budget, seed: int, device: str) -> list[dict
 
 
 def long_run(
-    study: Study, *, budget: Budget, seed: int, device: str = "cpu", hypergradient: Hypergradient | None = None
+    study: Study, *, budget: Budget, seed: int, device: str = "cpu", hypergradient: Hypergradient | None = None,
+    on_result: Callable[[TrainResult], None] | None = None,
 ) -> dict:
     """One run from the study's defaults for the whole budget; its row of the trials table.
 
     Without ``hypergradient`` the values stay at the defaults (the ``defaults`` arm); with it they
     start there and follow hypergradients (``benchmarks/long_run.py``). The row adds ``final
-    <key>`` for every value the run ended with.
+    <key>`` for every value the run ended with; ``on_result`` is given the run's
+    :class:`~hypermeta.TrainResult` (its evaluations and trajectory) once the run is timed.
     """
     defaults, setup, values = _black_box_defaults(study)
     setup = dataclasses.replace(setup, hypergradient=hypergradient)
@@ -174,9 +177,12 @@ def long_run(
     )
     value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan
     test = setup.test_metrics(result, device=device, seed=seed * 10_000)
+    seconds = time.perf_counter() - started
+    if on_result is not None:
+        on_result(result)
     return {
         "trial": 0, "state": "COMPLETE" if math.isfinite(value) else "FAIL", "value": value,
-        "steps": result.steps, "seconds": time.perf_counter() - started,
+        "steps": result.steps, "seconds": seconds,
         **{f"test_{k}": v for k, v in test.items()},
         **{f"param {name}": v for name, v in {**defaults.params, **values}.items()},
         **{f"final {key}": v for key, v in result.hyperparameters.items()},

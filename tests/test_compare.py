@@ -246,7 +246,7 @@ def test_a_trial_still_training_at_the_deadline_is_pruned_at_its_next_evaluation
     assert search.trials[-1].state == optuna.trial.TrialState.COMPLETE
 
 
-def test_long_run_benchmark_floor_keeps_every_adaptive_rate_at_or_above_its_fraction_of_the_start(tmp_path):
+def test_long_run_floor_keeps_every_adaptive_rate_above_its_fraction_of_the_start_and_hands_over_the_run(tmp_path):
     study_file = tmp_path / "tiny.py"
     study_file.write_text(STUDY)
     with_lr_floor = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "long_run.py"))["_with_lr_floor"]
@@ -255,8 +255,15 @@ def test_long_run_benchmark_floor_keeps_every_adaptive_rate_at_or_above_its_frac
     _, setup, _ = _compare._black_box_defaults(floored)
     assert setup.learning_rate.init == pytest.approx(start)
     assert setup.learning_rate.bounds == pytest.approx((0.9 * start, 0.5))
+    results = []
     row = _compare.long_run(floored, budget=_compare.Budget(steps=200), seed=0,
-                            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1))
+                            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1),
+                            on_result=results.append)
+    (result,) = results
+    assert result.steps == row["steps"] == 200
+    assert result.evaluations["valid_loss"].iloc[-1] == row["value"]
+    rates = result.trajectory[result.trajectory["name"] == "lr"]["value"]
+    assert len(rates) and rates.min() >= 0.9 * start * (1 - 1e-6)  # at every window, not only the last
     finals = {key: value for key, value in row.items() if key.startswith("final lr/")}
     assert len(finals) == 4  # 2 layers x 2 segments
     assert all(value >= 0.9 * start * (1 - 1e-6) for value in finals.values())
