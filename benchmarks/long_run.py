@@ -60,6 +60,9 @@ def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
 
 def _trace(result: hypermeta.TrainResult, points: int) -> None:
     evaluations = result.evaluations.set_index("step")
+    if not len(evaluations):
+        print(f"  no evaluation: {result.reason}")
+        return
     best = evaluations["valid_loss"].idxmin()
     print(f"  best valid loss {evaluations.loc[best, 'valid_loss']:.4f} at step {best}")
     trajectory = result.trajectory
