@@ -28,6 +28,7 @@ import torch
 
 import hypermeta
 from hypermeta._compare import Budget, long_run
+from hypermeta._hyperparameters import HyperParameters
 from hypermeta._runner import load_study_file
 from hypermeta._study import starting_value
 
@@ -66,12 +67,13 @@ def _trace(result: hypermeta.TrainResult, points: int) -> None:
     best = evaluations["valid_loss"].idxmin()
     print(f"  best valid loss {evaluations.loc[best, 'valid_loss']:.4f} at step {best}")
     trajectory = result.trajectory
-    values = trajectory.assign(key=trajectory["name"] + "/" + trajectory["group"].astype(str)).pivot_table(
-        index="step", columns="key", values="value")
+    columns = (trajectory["name"], trajectory["group"].astype(str), trajectory["segment"])
+    keys = [HyperParameters._key(*entry) for entry in zip(*columns, strict=True)]  # as TrainResult keys them
+    values = trajectory.assign(key=keys).pivot_table(index="step", columns="key", values="value").ffill()
     at = evaluations.iloc[sorted({round(i * (len(evaluations) - 1) / max(points - 1, 1)) for i in range(points)})]
     for step, row in at.iterrows():
-        held = values[values.index <= step].iloc[-1:]  # the values of the last window that began by then
-        shown = " ".join(f"{key} {value:.2g}" for key, value in held.iloc[0].items()) if len(held) else ""
+        held = values.asof(step) if len(values) and step >= values.index[0] else None  # the last window begun
+        shown = "" if held is None else " ".join(f"{key} {value:.2g}" for key, value in held.items())
         print(f"  step {step:>6}: train {row['train_loss']:.4f}, valid {row['valid_loss']:.4f}  {shown}")
 
 
@@ -102,10 +104,10 @@ def main() -> None:
             order = ("fixed", "adaptive") if seed % 2 == 0 else ("adaptive", "fixed")
             for arm in order:
                 adaptive = arm == "adaptive"
-                traced = []
+                traced = []  # the run, kept only for --trace
                 row = long_run(_with_lr_floor(study, args.lr_floor) if adaptive and args.lr_floor else study,
                                budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None,
-                               on_result=traced.append)
+                               on_result=traced.append if args.trace else None)
                 rows[arm].append(row)
                 print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, valid {row['value']:.4f}, "
                       f"test loss {row.get('test_loss', float('nan')):.4f}, "
