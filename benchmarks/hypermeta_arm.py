@@ -46,7 +46,9 @@ def with_hypergradient(study, overrides: dict[str, str]):
     return dataclasses.replace(study, build=build) if overrides else study
 
 
-def _number(text: str) -> int | float:
+def _number(text: str) -> bool | int | float:
+    if text in ("True", "False"):
+        return text == "True"
     try:
         return int(text)
     except ValueError:

@@ -10,7 +10,7 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4] [--lr-floor 0.1] [--trace 8]
+        [--every 4] [--confirm] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).
@@ -88,13 +88,14 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
+    parser.add_argument("--confirm", action="store_true", help="Hypergradient(confirm=True)")
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
                                             meta_lr=args.meta_lr, meta_optimizer=args.meta_optimizer,
-                                            every=args.every)
+                                            every=args.every, confirm=args.confirm)
     print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
     for path in args.studies:
         study = load_study_file(path)

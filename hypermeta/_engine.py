@@ -88,6 +88,15 @@ class Hypergradient:
             can move in a given number of steps. The default of 4 is what the committed studies
             and long runs were measured with; a short run that must move a value far (a few
             hundred steps, a rate 10x off) needs ``every=1``.
+        confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
+            the one before moved only if the validation loss did not rise; if it rose, the values
+            and the meta-optimizer's state go back to those kept at the last evaluation. A
+            hypergradient sees ``horizon`` steps, an evaluation the whole stretch since the last:
+            on long runs the rates drift down under the short-horizon bias while the validation
+            loss creeps up, and this stops most of that drift (``benchmarks/long_run.py
+            --confirm``). Off by default: in the short trials of a study it slowed adaptation
+            (MNIST-1D, ``benchmarks/hypermeta_arm.py``, see docs/estimators.md). A bare
+            :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
 
     Example:
         >>> import hypermeta
@@ -105,6 +114,7 @@ class Hypergradient:
     carry_segments: bool = True
     valid_batches: int | None = None
     every: int = 4
+    confirm: bool = False
 
     @property
     def settling_steps(self) -> int:
@@ -250,6 +260,7 @@ class HyperOptimizer:
         self._horizon = hypergradient.horizon if hypergradient else plain_window
         self._loss_limit = None
         self._failures = 0
+        self._evaluation = None  # (valid loss, step) not yet acted on
         self._plain = None  # the plain steps of the user's current window
         self._window_start = self._window_end = 0
         self.steps = 0
@@ -353,6 +364,23 @@ class HyperOptimizer:
             window = self._meta.window(run, self.steps, n_steps)
         return self._end(window)
 
+    def _evaluated(self, valid_loss: float | None, step: int) -> None:
+        """An evaluation of the model after ``step`` steps: the values may go back (``Hypergradient.confirm``),
+        at once or, in the middle of a window (a loop of the user's own), when the window ends."""
+        if self._meta is None or valid_loss is None:
+            return
+        self._evaluation = (valid_loss, step)
+        if not self._in_window():
+            self._confirm()
+
+    def _in_window(self) -> bool:
+        return self._handoff is not None and (self._handoff.running or self._plain is not None)
+
+    def _confirm(self) -> None:
+        if self._evaluation is not None:
+            self._meta.evaluated(*self._evaluation)
+            self._evaluation = None
+
     def _end(self, window: Window) -> bool:
         """The guard, then the window's record and meta step; whether it was kept."""
         start, end = self._window_start, self._window_end
@@ -371,6 +399,8 @@ class HyperOptimizer:
         _record(self._run, end, window)
         if self._meta and window.moves is not None:
             self._meta.step(window.moves, segment=self._run.hyper.segment(start))
+        if self._meta:
+            self._confirm()
         self.steps = end
         self.last_train_loss = window.train_loss
         return True
@@ -524,6 +554,7 @@ def train_loop(
         reported[0] = step
         measured = {"step": step, **{_valid(k): float(v) for k, v in metrics.items()}}
         outcome.evaluations.append(measured)
+        hyper._evaluated(measured.get("valid_loss"), step)
         if on_evaluation is not None and on_evaluation(step, measured):
             outcome.end("stopped", f"stopped at step {step} by on_evaluation")
             raise _StopLoop
@@ -578,6 +609,7 @@ def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluatio
             outcome.evaluations.append(measured)
             if not math.isfinite(measured["valid_loss"]):
                 return outcome.end("diverged", f"validation loss is not finite at step {step}")
+            hyper._evaluated(measured["valid_loss"], step)
             if on_evaluation is not None and on_evaluation(step, measured):
                 return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
     return outcome
@@ -661,6 +693,24 @@ class _MetaStep:
         self.horizon, self.settle = hypergradient.horizon, hypergradient.settling_steps
         self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
+        self.saved = self._save()
+        self.confirm = hypergradient.confirm
+        self.last_loss = math.inf
+        self.confirmed, self.confirmed_in = self.saved, 0
+
+    def evaluated(self, loss: float, step: int) -> None:
+        """Keep the values if the validation loss at ``step`` is no higher than at the evaluation
+        before, else put back those kept then (see ``Hypergradient.confirm``)."""
+        if not self.confirm:
+            return
+        segment = self.hyper.segment(max(step - 1, 0))  # the values the evaluated model was trained with
+        previous, self.last_loss = self.last_loss, loss
+        if loss <= previous:
+            self.confirmed, self.confirmed_in = self._save(), segment
+            return
+        hyper_state, meta_state = self.confirmed
+        self.hyper.restore(hyper_state, saved_in=self.confirmed_in, segment=segment, carry=self.carry_segments)
+        load_optimizer_state(self.optimizer, meta_state)
         self.saved = self._save()
 
     def window(self, run, step: int, n_steps: int) -> Window:

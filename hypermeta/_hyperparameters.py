@@ -176,6 +176,22 @@ class HyperParameters:
         others = torch.arange(len(saved), device=saved.device) != segment
         self.log_lr[others] = saved[others]
 
+    @torch.no_grad()
+    def restore(self, state: list[torch.Tensor], *, saved_in: int, segment: int, carry: bool) -> None:
+        """Put back the values of ``state``, saved while segment ``saved_in`` was trained, into ``segment``.
+
+        The weight decays come back as saved. The rates of ``segment`` come back as far from their
+        starting value as the saved segment's were from its own (with ``carry``; without it, and
+        another segment saved, they stay). Every other segment keeps its rates.
+        """
+        if saved_in == segment:
+            self.log_lr[segment] = state[0][segment]
+        elif carry:
+            self.log_lr[segment] = self.start_log_lr[segment] + state[0][saved_in] - self.start_log_lr[saved_in]
+        if self.log_weight_decay is not None:
+            self.log_weight_decay.copy_(state[1])
+        self.project()
+
     def lrs(self, step: int) -> list[torch.Tensor]:
         """Per-group learning rates (differentiable) for inner step ``step``."""
         return self._per_group(self.log_lr[self.segment(step)].exp())

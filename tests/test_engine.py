@@ -5,6 +5,7 @@ import torch
 
 import hypermeta
 from hypermeta._data import Batches
+from hypermeta._engine import train_loop
 from tests.conftest import mlp
 
 OPTIMIZERS = {
@@ -75,6 +76,60 @@ def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
     final_lr = learned.hyperparameters["lr/all/0"]
     assert 0.03 < final_lr < 1.0
     assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
+
+
+def _rises_put_back(result, acted_at, horizon):
+    """For each evaluation whose validation loss rose over the one before: whether the next window
+    ran with the values of the window after the last evaluation that did not rise.
+
+    ``acted_at[i]``: the step (a window's end) at which evaluation ``i`` was acted on.
+    """
+    values = result.trajectory.pivot_table(index="step", columns="name", values="value")
+    def after(i):  # the values of the window that began where evaluation i was acted on
+        return values.loc[acted_at[i] + horizon].tolist()
+    losses = result.evaluations["valid_loss"].tolist()
+    acted = [i for i, step in enumerate(acted_at) if step < result.steps - horizon]
+    kept, put_back = acted[0], []
+    for i in acted[1:]:
+        if losses[i] > losses[i - 1]:
+            put_back.append(after(i) == after(kept))
+        else:
+            kept = i
+    return put_back
+
+
+@pytest.mark.parametrize("confirm", [True, False])
+def test_a_rise_of_the_validation_loss_puts_back_the_values_kept_at_the_evaluation_before(digits, confirm):
+    result = _digits_run(
+        digits, 0.3, hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
+        weight_decay=hypermeta.WeightDecay(init=1e-3), eval_every=30,
+    )
+    put_back = _rises_put_back(result, result.evaluations["step"].tolist(), horizon=10)
+    assert len(put_back) >= 2, "no rise to act on: the test needs a run whose validation loss goes up"
+    assert all(put_back) if confirm else not any(put_back)
+    assert result.trajectory.groupby("name")["value"].nunique().min() > 1  # the values still move
+
+
+def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the_window_ends(digits):
+    batches = Batches(digits.train, batch_size=32, generator=torch.Generator().manual_seed(0))
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def loop(hyper, report):
+        for step in range(1, 601):
+            x, y = batches.next()
+            hyper.step(lambda m, x=x, y=y: cross_entropy(m(x), y),
+                       lambda m: cross_entropy(m(digits.valid.x), digits.valid.y))
+            if step % 25 == 0:  # windows are 10 steps: every other report falls in the middle of one
+                report({"loss": hypermeta.evaluate(hyper.model, digits.valid, cross_entropy)["loss"]})
+
+    result = train_loop(
+        loop, mlp(hidden=128), steps=600, optimizer_options={"momentum": 0.9},
+        learning_rate=hypermeta.LearningRate(init=0.3), weight_decay=hypermeta.WeightDecay(init=1e-3),
+        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=True),
+    )
+    acted_at = [-(-step // 10) * 10 for step in range(25, 601, 25)]  # the end of the window each report fell in
+    put_back = _rises_put_back(result, acted_at, horizon=10)
+    assert result.status == "completed" and len(put_back) >= 2 and all(put_back)
 
 
 def test_exploding_initial_learning_rate_stops_with_a_reason(digits):

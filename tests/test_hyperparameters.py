@@ -107,6 +107,31 @@ def test_carry_into_shifts_a_new_segment_by_what_the_previous_one_learned():
     assert values["lr/a/2"] == pytest.approx(0.1)  # later segments wait for their own start
 
 
+def test_restore_puts_back_the_saved_values_of_the_segment_in_force_and_leaves_ended_ones():
+    hyper = _hyper()
+    with torch.no_grad():
+        hyper.log_lr[0] += math.log(2.0)
+        hyper.log_weight_decay += math.log(3.0)
+    saved = hyper.state()  # rates 0.2, weight decay 3e-3, in segment 0
+    with torch.no_grad():
+        hyper.log_lr[:2] += math.log(1.5)
+        hyper.log_weight_decay -= math.log(2.0)
+
+    hyper.restore(saved, saved_in=0, segment=0, carry=True)
+    values = hyper.values()
+    assert values["lr/a/0"] == pytest.approx(0.2) and values["weight_decay/all"] == pytest.approx(3e-3)
+    assert values["lr/a/1"] == pytest.approx(0.15)  # another segment's rates stay
+
+    with torch.no_grad():
+        hyper.log_lr[0] += math.log(1.5)
+    hyper.restore(saved, saved_in=0, segment=1, carry=True)
+    values = hyper.values()
+    assert values["lr/a/0"] == pytest.approx(0.3)  # an ended segment keeps what it was trained with
+    assert values["lr/b/1"] == pytest.approx(0.2)  # 2x its start, as the saved segment was
+    hyper.restore(saved, saved_in=0, segment=2, carry=False)
+    assert hyper.values()["lr/b/2"] == pytest.approx(0.1)
+
+
 def test_carry_into_keeps_the_new_segment_inside_the_bounds():
     hyper = _hyper()
     with torch.no_grad():
