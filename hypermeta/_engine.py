@@ -374,7 +374,7 @@ class HyperOptimizer:
             self._confirm()
 
     def _in_window(self) -> bool:
-        return self._handoff is not None and (self._handoff.running or self._plain is not None)
+        return self._handoff is not None and self._handoff.running  # with hypergradients every window is handed off
 
     def _confirm(self) -> None:
         if self._evaluation is not None:
