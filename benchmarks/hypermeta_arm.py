@@ -40,19 +40,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def with_hypergradient(study, overrides: dict[str, str]):
     def build(trial):
         setup = study.build(trial)
-        fields = {key: _number(value) for key, value in overrides.items()}
+        fields = {key: _parsed(value) for key, value in overrides.items()}
         return dataclasses.replace(setup, hypergradient=dataclasses.replace(setup.hypergradient, **fields))
 
     return dataclasses.replace(study, build=build) if overrides else study
 
 
-def _number(text: str) -> bool | int | float:
+def _parsed(text: str) -> bool | int | float | str:
     if text in ("True", "False"):
         return text == "True"
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class LearnedStart(TrialRunner):

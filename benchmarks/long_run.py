@@ -10,7 +10,7 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4] [--confirm] [--lr-floor 0.1] [--trace 8]
+        [--every 4] [--confirm never|plateau|always] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 
 import torch
@@ -42,6 +43,12 @@ def _moved(row: dict, kind: str) -> tuple[float, float] | None:
         for key in row if key.startswith(f"final {kind}/")
     ]
     return (min(ratios), max(ratios)) if ratios else None
+
+
+def _paired(pairs: list[tuple[dict, dict]], key: str) -> str:
+    differences = [adaptive.get(key, math.nan) - fixed.get(key, math.nan) for adaptive, fixed in pairs]
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    return f"{statistics.mean(differences):+.4f} ({error:.4f})"
 
 
 def _show(moved: tuple[float, float] | None) -> str:
@@ -88,7 +95,7 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
-    parser.add_argument("--confirm", action="store_true", help="Hypergradient(confirm=True)")
+    parser.add_argument("--confirm", choices=("never", "plateau", "always"), default=hypermeta.Hypergradient().confirm)
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
@@ -129,7 +136,9 @@ def main() -> None:
         lower = sum(a["value"] < f["value"] for a, f in pairs)
         higher = sum(a.get("test_accuracy", 0.0) > f.get("test_accuracy", 0.0) for a, f in pairs)
         print(f"adaptive ended with the lower validation loss in {lower} of {args.seeds} seeds "
-              f"and the higher test accuracy in {higher}\n", flush=True)
+              f"and the higher test accuracy in {higher}", flush=True)
+        print(f"adaptive minus fixed, mean over seeds (standard error): valid loss {_paired(pairs, 'value')}, "
+              f"test accuracy {_paired(pairs, 'test_accuracy')}\n", flush=True)
 
 
 if __name__ == "__main__":
