@@ -10,7 +10,7 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4] [--confirm never|plateau|always] [--lr-floor 0.1] [--trace 8]
+        [--every 4] [--no-confirm] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
-    parser.add_argument("--confirm", choices=("never", "plateau", "always"), default=hypermeta.Hypergradient().confirm)
+    parser.add_argument("--no-confirm", dest="confirm", action="store_false", help="Hypergradient(confirm=False)")
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()

@@ -37,8 +37,6 @@ from hypermeta._records import TRAJECTORY_COLUMNS
 
 _ESTIMATORS = {"unrolled": unrolled_window, "first_order": first_order_window, "greedy": greedy_window}
 _META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-_CONFIRM = ("never", "plateau", "always")
-_PLATEAU = 2  # evaluations in a row without a new best validation loss: the run has stopped improving
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
 _OPEN_ENDED = 2**62  # the step budget of a HyperOptimizer run without a schedule
@@ -90,18 +88,15 @@ class Hypergradient:
             can move in a given number of steps. The default of 4 is what the committed studies
             and long runs were measured with; a short run that must move a value far (a few
             hundred steps, a rate 10x off) needs ``every=1``.
-        confirm: when an evaluation (the whole validation split) must confirm the hyper-steps
-            taken since the one before. A confirmed step stays; if the validation loss rose, the
-            values and the meta-optimizer's state go back to those kept at the last evaluation.
-            ``"always"``: at every evaluation. ``"plateau"``: once the run has stopped improving
-            (two evaluations in a row without a new best), every hyper-step before staying.
-            ``"never"``: every hyper-step stays. A hypergradient sees ``horizon`` steps, an
-            evaluation the whole stretch since the last: on long runs the rates drift down under
-            the short-horizon bias while the validation loss creeps up, and confirming stops most
-            of that drift (``benchmarks/long_run.py --confirm``); ``"always"`` slowed adaptation in
-            the short trials of a study (MNIST-1D, ``benchmarks/hypermeta_arm.py``, see
-            docs/estimators.md). A bare :class:`HyperOptimizer` sees no evaluation and keeps every
-            hyper-step.
+        confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
+            the one before moved only if the validation loss did not rise; if it rose, the values
+            and the meta-optimizer's state go back to those kept at the last evaluation. A
+            hypergradient sees ``horizon`` steps, an evaluation the whole stretch since the last:
+            on long runs the rates drift down under the short-horizon bias while the validation
+            loss creeps up, and this stops most of that drift (``benchmarks/long_run.py``). In the
+            short trials of a study it slowed adaptation on MNIST-1D (``benchmarks/hypermeta_arm.py``,
+            see docs/estimators.md), so the committed studies turn it off. A bare
+            :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
 
     Example:
         >>> import hypermeta
@@ -119,7 +114,7 @@ class Hypergradient:
     carry_segments: bool = True
     valid_batches: int | None = None
     every: int = 4
-    confirm: str = "never"
+    confirm: bool = True
 
     @property
     def settling_steps(self) -> int:
@@ -129,7 +124,8 @@ class Hypergradient:
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
         _one_of("meta_optimizer", self.meta_optimizer, _META_OPTIMIZERS)
-        _one_of("confirm", self.confirm, _CONFIRM)
+        if not isinstance(self.confirm, bool):
+            raise ValueError(f"confirm must be True or False, got {self.confirm!r}")
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         if self.settle is not None and (
@@ -704,24 +700,17 @@ class _MetaStep:
         self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
-        self.confirming = hypergradient.confirm == "always"
-        self.plateau = hypergradient.confirm == "plateau"  # confirming begins once the run stops improving
-        self.last_loss = self.best_loss = math.inf
-        self.without_best = 0  # evaluations since the best
+        self.confirm = hypergradient.confirm
+        self.last_loss = math.inf
         self.confirmed, self.confirmed_in = self.saved, 0
 
     def evaluated(self, loss: float, step: int) -> None:
         """Keep the values if the validation loss at ``step`` is no higher than at the evaluation
         before, else put back those kept then (see ``Hypergradient.confirm``)."""
-        if not (self.confirming or self.plateau):
+        if not self.confirm:
             return
         segment = self.hyper.segment(max(step - 1, 0))  # the values the evaluated model was trained with
         previous, self.last_loss = self.last_loss, loss
-        self.without_best = 0 if loss < self.best_loss else self.without_best + 1
-        self.best_loss = min(self.best_loss, loss)
-        if not self.confirming:
-            self.confirming = self.plateau and self.without_best >= _PLATEAU
-            previous = math.inf  # what the hyper-steps moved so far stays
         if loss <= previous:
             self.confirmed, self.confirmed_in = self._save(), segment
             return

@@ -78,10 +78,9 @@ def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
     assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
 
 
-def _rises_put_back(result, acted_at, horizon, *, first=1, last=None):
-    """For each evaluation ``i`` (``first <= i < last``) whose validation loss rose over the one before:
-    whether the next window ran with the values of the window after the last evaluation before it
-    that did not rise (or came before ``first``).
+def _rises_put_back(result, acted_at, horizon):
+    """For each evaluation whose validation loss rose over the one before: whether the next window
+    ran with the values of the window after the last evaluation that did not rise.
 
     ``acted_at[i]``: the step (a window's end) at which evaluation ``i`` was acted on.
     """
@@ -89,52 +88,26 @@ def _rises_put_back(result, acted_at, horizon, *, first=1, last=None):
     def after(i):  # the values of the window that began where evaluation i was acted on
         return values.loc[acted_at[i] + horizon].tolist()
     losses = result.evaluations["valid_loss"].tolist()
-    acted = [i for i, step in enumerate(acted_at) if step < result.steps - horizon and (last is None or i < last)]
+    acted = [i for i, step in enumerate(acted_at) if step < result.steps - horizon]
     kept, put_back = acted[0], []
     for i in acted[1:]:
-        if i >= first and losses[i] > losses[i - 1]:
+        if losses[i] > losses[i - 1]:
             put_back.append(after(i) == after(kept))
         else:
             kept = i
     return put_back
 
 
-def _confirmed_run(digits, confirm):
-    return _digits_run(
+@pytest.mark.parametrize("confirm", [True, False])
+def test_a_rise_of_the_validation_loss_puts_back_the_values_kept_at_the_evaluation_before(digits, confirm):
+    result = _digits_run(
         digits, 0.3, hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
         weight_decay=hypermeta.WeightDecay(init=1e-3), eval_every=30,
     )
-
-
-@pytest.mark.parametrize("confirm", ["always", "never"])
-def test_a_rise_of_the_validation_loss_puts_back_the_values_kept_at_the_evaluation_before(digits, confirm):
-    result = _confirmed_run(digits, confirm)
     put_back = _rises_put_back(result, result.evaluations["step"].tolist(), horizon=10)
     assert len(put_back) >= 2, "no rise to act on: the test needs a run whose validation loss goes up"
-    assert all(put_back) if confirm == "always" else not any(put_back)
+    assert all(put_back) if confirm else not any(put_back)
     assert result.trajectory.groupby("name")["value"].nunique().min() > 1  # the values still move
-
-
-def _plateau_begins(losses):
-    """The first evaluation that is the second in a row without a new best validation loss."""
-    best, without_best = math.inf, 0
-    for i, loss in enumerate(losses):
-        without_best = 0 if loss < best else without_best + 1
-        best = min(best, loss)
-        if without_best == 2:
-            return i
-    return None
-
-
-def test_on_a_plateau_confirming_begins_when_two_evaluations_in_a_row_bring_no_new_best(digits):
-    result = _confirmed_run(digits, "plateau")
-    steps = result.evaluations["step"].tolist()
-    begins = _plateau_begins(result.evaluations["valid_loss"].tolist())
-    assert begins is not None, "the run never stopped improving: the test needs one that does"
-    before = _rises_put_back(result, steps, horizon=10, last=begins + 1)
-    after = _rises_put_back(result, steps, horizon=10, first=begins + 1)
-    assert before and not any(before)  # the rises that begin the plateau are kept too
-    assert len(after) >= 2 and all(after)
 
 
 def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the_window_ends(digits):
@@ -152,7 +125,7 @@ def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the
     result = train_loop(
         loop, mlp(hidden=128), steps=600, optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=0.3), weight_decay=hypermeta.WeightDecay(init=1e-3),
-        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm="always"),
+        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=True),
     )
     acted_at = [-(-step // 10) * 10 for step in range(25, 601, 25)]  # the end of the window each report fell in
     put_back = _rises_put_back(result, acted_at, horizon=10)
@@ -173,7 +146,7 @@ def test_a_validation_loss_reported_not_finite_ends_the_users_loop_as_diverged(d
 
     result = train_loop(
         loop, mlp(hidden=16), steps=60, learning_rate=hypermeta.LearningRate(init=0.1),
-        hypergradient=hypermeta.Hypergradient(horizon=10, every=1, confirm="always"),
+        hypergradient=hypermeta.Hypergradient(horizon=10, every=1, confirm=True),
     )
     assert result.status == "diverged" and result.reason == "validation loss is not finite at step 40"
     assert reported == [20, 40] and result.steps == 40

@@ -20,6 +20,7 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be >= 1"),
         (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
         (lambda: hypermeta.Hypergradient(every=0), "every must be an integer >= 1"),
+        (lambda: hypermeta.Hypergradient(confirm="always"), "confirm must be True or False"),
         (lambda: hypermeta.Hypergradient(horizon=8, settle=8), "settle must be an integer with 0 <= settle < horizon"),
         (lambda: hypermeta.Hypergradient(settle=-1), "settle must be"),
         (lambda: hypermeta.Hypergradient(settle=2.5), "settle must be"),
