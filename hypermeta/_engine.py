@@ -85,12 +85,14 @@ class Hypergradient:
         every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
             the windows between are plain ``torch.optim`` steps at the current values. The cost
             over plain training shrinks about ``every``-fold, and so does how far the values
-            can move in a given number of steps. The default of 4 is what the committed studies
-            and long runs were measured with; a short run that must move a value far (a few
-            hundred steps, a rate 10x off) needs ``every=1``.
+            can move in a given number of steps. The default of 4 is what the digits MLP and
+            MNIST-1D studies and the long runs were measured with (the 35-value study takes 2);
+            a short run that must move a value far (a few hundred steps, a rate 10x off) needs
+            ``every=1``.
         confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
             the one before moved only if the validation loss did not rise; if it rose, the values
-            and the meta-optimizer's state go back to those kept at the last evaluation. A
+            and the meta-optimizer's state go back to those kept at the last evaluation, before
+            the next window (a run that stops there ends with the values it reached). A
             hypergradient sees ``horizon`` steps, an evaluation the whole stretch since the last:
             on long runs the rates drift down under the short-horizon bias while the validation
             loss creeps up, and this stops most of that drift (``benchmarks/long_run.py``). In the
@@ -703,23 +705,38 @@ class _MetaStep:
         self.confirm = hypergradient.confirm
         self.last_loss = math.inf
         self.confirmed, self.confirmed_in = self.saved, 0
+        self.put_back_into: int | None = None  # the segment whose rates go back before the next window
 
     def evaluated(self, loss: float, step: int) -> None:
         """Keep the values if the validation loss at ``step`` is no higher than at the evaluation
-        before, else put back those kept then (see ``Hypergradient.confirm``)."""
+        before, else put back those kept then (see ``Hypergradient.confirm``).
+
+        The values go back when the next window begins: a run that ends here ends with (and
+        reports) the values its model was trained with.
+        """
         if not self.confirm:
             return
+        self._put_back()  # a second evaluation of the same model judges the values it was trained with
         segment = self.hyper.segment(max(step - 1, 0))  # the values the evaluated model was trained with
         previous, self.last_loss = self.last_loss, loss
         if loss <= previous:
             self.confirmed, self.confirmed_in = self._save(), segment
+        else:
+            self.put_back_into = segment
+
+    def _put_back(self) -> None:
+        if self.put_back_into is None:
             return
         hyper_state, meta_state = self.confirmed
-        self.hyper.restore(hyper_state, saved_in=self.confirmed_in, segment=segment, carry=self.carry_segments)
+        self.hyper.restore(
+            hyper_state, saved_in=self.confirmed_in, segment=self.put_back_into, carry=self.carry_segments
+        )
         load_optimizer_state(self.optimizer, meta_state)
         self.saved = self._save()
+        self.put_back_into = None
 
     def window(self, run, step: int, n_steps: int) -> Window:
+        self._put_back()
         if self.carry_segments:
             self.hyper.carry_into(step)
         self.windows += 1

@@ -132,6 +132,35 @@ def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the
     assert result.status == "completed" and len(put_back) >= 2 and all(put_back)
 
 
+def test_a_rise_at_the_last_evaluation_leaves_the_values_the_run_ended_with(digits):
+    """The values go back only when training goes on: a run ends with those it reached.
+
+    The reported losses are fixed, so only the last evaluation rises: with confirmation the run
+    must end exactly where the same run without it ends.
+    """
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def loop(hyper, report):
+        for step in range(1, 61):
+            hyper.step(lambda m: cross_entropy(m(x), y), lambda m: cross_entropy(m(digits.valid.x), digits.valid.y))
+            if step % 20 == 0:
+                report({"loss": 2.0 if step == 60 else 1.0})
+
+    def run(confirm):
+        torch.manual_seed(0)
+        return train_loop(
+            loop, mlp(hidden=16), steps=60, learning_rate=hypermeta.LearningRate(init=0.1),
+            weight_decay=hypermeta.WeightDecay(init=1e-3),
+            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
+        )
+
+    confirmed, kept = run(True), run(False)
+    assert confirmed.hyperparameters == kept.hyperparameters
+    start = {"lr/all/0": 0.1, "weight_decay/all": 1e-3}
+    assert all(not math.isclose(kept.hyperparameters[key], value) for key, value in start.items())
+
+
 def test_a_validation_loss_reported_not_finite_ends_the_users_loop_as_diverged(digits):
     x, y = digits.train.x[:32], digits.train.y[:32]
     cross_entropy = torch.nn.functional.cross_entropy

@@ -21,6 +21,8 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
         (lambda: hypermeta.Hypergradient(every=0), "every must be an integer >= 1"),
         (lambda: hypermeta.Hypergradient(confirm="always"), "confirm must be True or False"),
+        (lambda: hypermeta.Hypergradient(confirm=1), "confirm must be True or False"),
+        (lambda: hypermeta.Hypergradient(confirm=None), "confirm must be True or False"),
         (lambda: hypermeta.Hypergradient(horizon=8, settle=8), "settle must be an integer with 0 <= settle < horizon"),
         (lambda: hypermeta.Hypergradient(settle=-1), "settle must be"),
         (lambda: hypermeta.Hypergradient(settle=2.5), "settle must be"),
@@ -29,6 +31,10 @@ from hypermeta._hyperparameters import HyperParameters
 def test_invalid_specs_are_rejected(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_evaluations_confirm_the_hyper_steps_by_default():
+    assert hypermeta.Hypergradient().confirm is True
 
 
 def _hyper(segments=4, total_steps=100):
