@@ -46,9 +46,9 @@ def with_hypergradient(study, overrides: dict[str, str]):
     return dataclasses.replace(study, build=build) if overrides else study
 
 
-def _parsed(text: str) -> bool | int | float | str:
-    if text in ("True", "False"):
-        return text == "True"
+def _parsed(text: str) -> bool | int | float | str | None:
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
     for kind in (int, float):
         try:
             return kind(text)

@@ -30,9 +30,10 @@ steps, and the MNIST-1D CNN of ``studies/mnist1d_cnn.py``, 400 steps, per-layer 
 weight decay) with the default ``Hypergradient()``, with each estimator at its defaults otherwise,
 and with ``hypergradient=None``; and a hand-written ``torch.optim`` loop over the same batches that
 evaluates on the validation split as often as ``train()`` does (at the start and every
-``eval_every`` steps). Runs of all modes are interleaved in a rotating order; the ratios are
-medians over repeats of ``time(mode) / time(train without hypergradients)`` in the same repeat,
-and ``train()`` without hypergradients over the hand loop.
+``eval_every`` steps), with denormals flushed to zero as in ``train()``. Runs of all modes are
+interleaved in a rotating order; the ratios are medians over repeats of ``time(mode) / time(train
+without hypergradients)`` in the same repeat, and ``train()`` without hypergradients over the hand
+loop.
 
 Run ``python benchmarks/overhead.py`` (``--quick`` for a faster, noisier variant;
 ``--profile`` to print a cProfile of the unrolled hyper-step for the MLP at K = 10 instead;
@@ -70,6 +71,7 @@ from hypermeta._engine import (
     parameter_groups,
 )
 from hypermeta._hyperparameters import LearningRate
+from hypermeta._private.denormals import flushing_denormals
 from hypermeta._private.plain import plain_step
 from hypermeta._private.unrolled import unrolled_window
 
@@ -282,7 +284,13 @@ def end_to_end_data(name: str, seed: int) -> Dataset:
 
 
 def hand_loop(model: nn.Module, data: Dataset, settings: dict, eval_every: int, seed: int) -> None:
-    """What a user writes with ``torch.optim``: one group per layer, the same batches and evaluations."""
+    """What a user writes with ``torch.optim``: one group per layer, the same batches and evaluations,
+    denormals flushed as ``train()`` flushes them (so that the ratio is the engine's own cost)."""
+    with flushing_denormals():
+        _hand_loop(model, data, settings, eval_every, seed)
+
+
+def _hand_loop(model: nn.Module, data: Dataset, settings: dict, eval_every: int, seed: int) -> None:
     options = {"lr": settings["learning_rate"].init, "weight_decay": settings["weight_decay"].init}
     groups = [{"params": params} for params in parameter_groups(model).values()]
     cls = torch.optim.SGD if settings["optimizer"] == "sgd" else torch.optim.Adam

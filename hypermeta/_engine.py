@@ -20,6 +20,7 @@ from hypermeta._data import Batches, Dataset, JoinedBatches, LoaderBatches, Load
 from hypermeta._hyperparameters import HyperParameters, LearningRate, WeightDecay
 from hypermeta._metrics import Metric, evaluate, fit_problem
 from hypermeta._private import diffopt
+from hypermeta._private.denormals import flushing_denormals
 from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.handoff import Handoff, LossModule, picked
@@ -481,7 +482,8 @@ def train(
         run, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
         loss_limit=max_loss_ratio * evaluate(model, data.valid, loss_fn)["loss"], plain_window=eval_every,
     )
-    outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None))
+    with flushing_denormals():
+        outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None))
     return TrainResult(
         model=model,
         optimizer=run.optimizer,
@@ -568,7 +570,8 @@ def train_loop(
             raise _StopLoop
 
     try:
-        loop(hyper, report)
+        with flushing_denormals():
+            loop(hyper, report)
     except _StopLoop:
         pass
     except Diverged as diverged:

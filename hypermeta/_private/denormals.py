@@ -1,0 +1,35 @@
+"""Denormal floats flushed to zero while hypermeta trains on the CPU.
+
+Late in a run some numbers fall below float32's normal range (about 1e-38): Adam's second moments
+once the gradients are tiny, weights under a strong weight decay, forward-mode tangents. x86 CPUs
+compute on such numbers many times slower, and a run slows as more of them appear: on the
+MNIST-1D CNN an adaptive run went from 250 steps a second to 80-110 within a minute, against a
+steady 400 with them flushed (``benchmarks/long_run.py``, docs/estimators.md). Flushing them
+changes only numbers smaller than any a loss can tell apart; TensorFlow does the same by default.
+
+The flag is per thread; :func:`flushing_denormals` sets it for the thread it runs in (threads it
+starts, such as the one a window of a user's own loop runs in, inherit it) and puts back what that
+thread had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def flushing() -> bool:
+    """Whether this thread flushes denormals (a denormal float64 then reads back as 0)."""
+    return torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
+
+
+@contextlib.contextmanager
+def flushing_denormals() -> Iterator[None]:
+    before = flushing()
+    torch.set_flush_denormal(True)  # False, and no effect, on a CPU without the instructions
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
