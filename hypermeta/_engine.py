@@ -450,6 +450,9 @@ def train(
     hypergradients) the run ends with ``status="diverged"`` and the reason. Without
     hypergradients a window runs from one evaluation to the next.
 
+    While it trains, the CPU flushes denormal floats to zero (``torch.set_flush_denormal``, put
+    back after): late in a run they had made steps several times slower (docs/estimators.md).
+
     Example:
         >>> import torch, hypermeta
         >>> torch.manual_seed(0) and None
@@ -531,7 +534,7 @@ def train_loop(
     end. The evaluations are recorded at ``hyper.steps`` with a ``valid_`` prefix added where
     missing; when ``on_evaluation`` asks to stop (a pruned trial) ``report`` ends the loop by
     raising, as does ``hyper.step`` when the run diverges and ``report`` given a validation loss that is
-    not finite.
+    not finite. Denormal floats are flushed to zero while ``loop`` runs, as in :func:`train`.
 
     Example:
         >>> import torch, torch.nn.functional as F, hypermeta
