@@ -7,7 +7,7 @@ meta_lr = 0.01 * K (Adam in log space), so the rate could move by the same amoun
 
 Printed per run: the final learned rate over the best fixed rate (1.0 = found it; << 1 = the
 rate collapsed), the smallest rate on the way, and the final validation loss, median over seeds.
-The row "default" is ``Hypergradient()`` with only its meta learning rate set as above; a run
+The row "default" is ``Hypergradient()`` with its meta learning rate set as above; a run
 ``estimator:K`` has no settling steps, ``estimator:K:S`` settles its last S steps of each window.
 Every run keeps every hyper-step (``confirm=False``): the bias measured is the estimators' own.
 

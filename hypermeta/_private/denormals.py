@@ -7,9 +7,11 @@ MNIST-1D CNN at its defaults took 41,700 steps without hypergradients and 27,160
 they were flushed, 70,800 and 67,200 after (``benchmarks/long_run.py``, docs/estimators.md).
 Flushing them changes only numbers below 1e-38 (float32) or 1e-308 (float64).
 
-The flag is per thread; :func:`flushing_denormals` sets it for the thread it runs in (threads it
-starts, such as the one a window of a user's own loop runs in, inherit it) and puts back what that
-thread had.
+The flag is per thread; :func:`flushing_denormals` sets it for the thread it runs in and puts back
+what that thread had. The worker thread of a user's own loop sets it itself (``Handoff``).
+PyTorch's intra-op threads (``torch.set_num_threads`` above 1) keep their own setting, so with
+several threads large operations are flushed only in part; hypermeta's CLI trains on one thread
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 def flushing() -> bool:
     """Whether this thread flushes denormals (a denormal float64 then reads back as 0)."""
-    return torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
+    return torch.tensor([1e-323], dtype=torch.float64).mul(1.0).item() == 0.0
 
 
 @contextlib.contextmanager

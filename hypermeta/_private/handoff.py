@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from hypermeta._private.denormals import flushing
+
 
 class LossModule(torch.nn.Module):
     """``module(loss_of)`` is ``loss_of(model)``: the user's model, or ``higher``'s patched copy of it."""
@@ -53,7 +55,7 @@ class Handoff:
 
     def start(self, window: Callable[[], object]) -> None:
         self.running = True
-        threading.Thread(target=self._work, args=(window,), daemon=True).start()
+        threading.Thread(target=self._work, args=(window, flushing()), daemon=True).start()
         self._reply()  # the worker asks for its first step (or fails before)
 
     def feed(self, train_batch, valid_batch):
@@ -91,7 +93,8 @@ class Handoff:
             raise value
         return kind, value
 
-    def _work(self, window) -> None:
+    def _work(self, window, flush_denormals: bool) -> None:
+        torch.set_flush_denormal(flush_denormals)  # as the caller's thread: not every platform passes it on
         try:
             self._to_caller.put(("done", window()))
         except BaseException as error:  # noqa: BLE001 -- handed to the caller's thread, raised there
