@@ -46,9 +46,12 @@ def with_hypergradient(study, overrides: dict[str, str]):
     return dataclasses.replace(study, build=build) if overrides else study
 
 
+_CONSTANTS = {"True": True, "False": False, "None": None}
+
+
 def _parsed(text: str) -> bool | int | float | str | None:
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
+    if text in _CONSTANTS:
+        return _CONSTANTS[text]
     for kind in (int, float):
         try:
             return kind(text)
