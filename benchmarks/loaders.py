@@ -103,7 +103,7 @@ def main() -> None:
     arms = {
         "torch": torch_arm,
         "plain": hypermeta_arm(None),
-        "hyper": hypermeta_arm(hypermeta.Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0)),
+        "hyper": hypermeta_arm(hypermeta.Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1)),
     }
     names = list(arms)
     seconds = {name: [] for name in names}

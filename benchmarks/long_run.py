@@ -10,7 +10,7 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
-        [--every 4] [--no-confirm] [--lr-floor 0.1] [--trace 8]
+        [--every 8] [--no-confirm] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).

@@ -50,10 +50,10 @@ class Hypergradient:
     Args:
         estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
             tangents through the weights and the optimizer state, training Hessian dropped;
-            1.19x (digits MLP) and 1.06x (MNIST-1D CNN) plain training end to end with the default
-            ``every=4``, 1.2-1.6x with a hyper-step on every window), ``"unrolled"`` (exact:
-            truncated reverse mode through ``horizon`` steps with ``higher``; 1.43x and 1.66x, and
-            2.9-3.5x on every window) or
+            1.12x (digits MLP) and 1.04x (MNIST-1D CNN) plain training end to end with the
+            default ``every=8``, 1.2-1.6x with a hyper-step on every window), ``"unrolled"``
+            (exact: truncated reverse mode through ``horizon`` steps with ``higher``; 1.28x and
+            1.48x, and 2.9-3.5x on every window) or
             ``"greedy"`` (Baydin et al. 2018: the optimizer state also held fixed). See
             docs/estimators.md.
         horizon: K, the inner steps per hyper-step (a window), settling steps included.
@@ -68,9 +68,10 @@ class Hypergradient:
             settled one. ``benchmarks/long_run.py`` measures both sides. A window cut short
             (by an evaluation or the run's end) settles the same fraction of its steps.
         meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
-            Optuna to choose it from in each trial of a study (with Adam, 0.2 moves a value
-            by at most about 20% per hyper-step). Keep ``meta_lr / horizon`` fixed when changing
-            the horizon to keep the total movement the same.
+            Optuna to choose it from in each trial of a study (with Adam, the default 0.1 moves a
+            value by at most about 10% per hyper-step; the committed studies' short trials take
+            0.2 or more). Keep ``meta_lr / horizon`` fixed when changing the horizon to keep the
+            total movement the same.
         meta_optimizer: ``"adam"`` or ``"sgd"``.
         max_failures: consecutive rejected hyper-steps (NaN/inf) before the run stops.
         valid_batch_size: validation examples per hypergradient, a fresh random subsample each
@@ -87,17 +88,24 @@ class Hypergradient:
         every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
             the windows between are plain ``torch.optim`` steps at the current values. The cost
             over plain training shrinks about ``every``-fold, and so does how far the values
-            can move in a given number of steps. The default of 4 is what the digits MLP and
-            MNIST-1D studies and the long runs were measured with (the 35-value study takes 2);
-            a short run that must move a value far (a few hundred steps, a rate 10x off) needs
-            ``every=1``.
+            can move in a given number of steps. The default of 8 (with ``meta_lr=0.1``) is for
+            runs of tens of thousands of steps, where faster movement let the values drift
+            (``benchmarks/long_run.py``, docs/estimators.md); the digits MLP and MNIST-1D studies'
+            short trials take 4 with ``meta_lr=0.2`` (the 35-value study 2 with 0.4), and a short
+            run that must move a value far (a few hundred steps, a rate 10x off) needs ``every=1``
+            and ``meta_lr=0.2``.
         confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
-            the one before moved only if the validation loss did not rise; if it rose, the values
-            and the meta-optimizer's state go back to those kept at the last evaluation, before
-            the next window (a run that stops there ends with the values it reached). A
-            hypergradient sees ``horizon`` steps, an evaluation the whole stretch since the last:
-            on long runs the rates drift down under the short-horizon bias while the validation
-            loss creeps up, and this slows that drift (``benchmarks/long_run.py``). In the
+            the one before moved only if the validation loss did not rise and, for a classifier
+            (a ``valid_accuracy`` measured or reported), the accuracy did not fall; else the
+            values and the meta-optimizer's state go back to those kept at the last evaluation,
+            before the next window (a run that stops there ends with the values it reached). A
+            hypergradient sees ``horizon`` steps of the validation loss, an evaluation the whole
+            stretch since the last and the accuracy too: on long runs the values drift where
+            the look-ahead likes them and the run does not (rates down under the short-horizon
+            bias, weight decay up for a lower loss but not a higher accuracy); this kept the
+            rates up and the test accuracy level or ahead on the committed studies, but not a
+            slow rise of the weight decays over MNIST-1D runs of minutes (``benchmarks/long_run.py``,
+            docs/benchmarks.md). In the
             short trials of a study it slowed adaptation on MNIST-1D (``benchmarks/hypermeta_arm.py``,
             see docs/estimators.md), so the committed studies turn it off. A bare
             :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
@@ -111,13 +119,13 @@ class Hypergradient:
     estimator: str = "first_order"
     horizon: int = 40
     settle: int | None = None
-    meta_lr: float | tuple[float, float] = 0.2
+    meta_lr: float | tuple[float, float] = 0.1
     meta_optimizer: str = "adam"
     max_failures: int = 5
     valid_batch_size: int | None = 256
     carry_segments: bool = True
     valid_batches: int | None = None
-    every: int = 4
+    every: int = 8
     confirm: bool = True
 
     @property
@@ -266,7 +274,7 @@ class HyperOptimizer:
         self._horizon = hypergradient.horizon if hypergradient else plain_window
         self._loss_limit = None
         self._failures = 0
-        self._evaluation = None  # (valid loss, step) not yet acted on
+        self._evaluation = None  # (_Evaluation, step) not yet acted on
         self._plain = None  # the plain steps of the user's current window
         self._window_start = self._window_end = 0
         self.steps = 0
@@ -370,12 +378,13 @@ class HyperOptimizer:
             window = self._meta.window(run, self.steps, n_steps)
         return self._end(window)
 
-    def _evaluated(self, valid_loss: float | None, step: int) -> None:
-        """An evaluation of the model after ``step`` steps: the values may go back (``Hypergradient.confirm``),
-        at once or, in the middle of a window (a loop of the user's own), when the window ends."""
-        if self._meta is None or valid_loss is None:
+    def _evaluated(self, measured: dict[str, float], step: int) -> None:
+        """An evaluation of the model after ``step`` steps (``valid_loss`` and, for a classifier,
+        ``valid_accuracy`` in ``measured``): the values may go back (``Hypergradient.confirm``), at
+        once or, in the middle of a window (a loop of the user's own), when the window ends."""
+        if self._meta is None or measured.get("valid_loss") is None:
             return
-        self._evaluation = (valid_loss, step)
+        self._evaluation = (_Evaluation(measured["valid_loss"], measured.get("valid_accuracy")), step)
         if not self._in_window():
             self._confirm()
 
@@ -568,7 +577,7 @@ def train_loop(
         if not math.isfinite(measured.get("valid_loss", 0.0)):
             outcome.end("diverged", f"validation loss is not finite at step {step}")
             raise _StopLoop
-        hyper._evaluated(measured.get("valid_loss"), step)
+        hyper._evaluated(measured, step)
         if on_evaluation is not None and on_evaluation(step, measured):
             outcome.end("stopped", f"stopped at step {step} by on_evaluation")
             raise _StopLoop
@@ -624,7 +633,7 @@ def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluatio
             outcome.evaluations.append(measured)
             if not math.isfinite(measured["valid_loss"]):
                 return outcome.end("diverged", f"validation loss is not finite at step {step}")
-            hyper._evaluated(measured["valid_loss"], step)
+            hyper._evaluated(measured, step)
             if on_evaluation is not None and on_evaluation(step, measured):
                 return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
     return outcome
@@ -694,6 +703,19 @@ def _size(split) -> int | None:
     return len(split) if isinstance(split, Split) else None
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """What confirmation compares: the validation loss and, for a classifier, the accuracy."""
+
+    loss: float
+    accuracy: float | None
+
+    def no_worse_than(self, other: _Evaluation) -> bool:
+        """The loss no higher and the accuracy (where both have one) no lower."""
+        lower_accuracy = self.accuracy is not None and other.accuracy is not None and self.accuracy < other.accuracy
+        return self.loss <= other.loss and not lower_accuracy
+
+
 class _MetaStep:
     """The meta-optimizer, with the divergence guard's memory of the last good state."""
 
@@ -710,13 +732,13 @@ class _MetaStep:
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
         self.confirm = hypergradient.confirm
-        self.last_loss = math.inf
+        self.last = _Evaluation(math.inf, None)
         self.confirmed, self.confirmed_in = self.saved, 0
         self.put_back_into: int | None = None  # the segment whose rates go back before the next window
 
-    def evaluated(self, loss: float, step: int) -> None:
-        """Keep the values if the validation loss at ``step`` is no higher than at the evaluation
-        before, else put back those kept then (see ``Hypergradient.confirm``).
+    def evaluated(self, evaluation: _Evaluation, step: int) -> None:
+        """Keep the values if the evaluation at ``step`` is no worse than the one before, else put
+        back those kept then (see ``Hypergradient.confirm``).
 
         The values go back when the next window begins: a run that ends here ends with (and
         reports) the values it reached.
@@ -725,8 +747,8 @@ class _MetaStep:
             return
         self._put_back()  # a pending put-back first, as an immediate one would have been
         segment = self.hyper.segment(max(step - 1, 0))  # the values the evaluated model was trained with
-        previous, self.last_loss = self.last_loss, loss
-        if loss <= previous:
+        previous, self.last = self.last, evaluation
+        if evaluation.no_worse_than(previous):
             self.confirmed, self.confirmed_in = self._save(), segment
         else:
             self.put_back_into = segment
