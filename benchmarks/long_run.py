@@ -9,7 +9,7 @@ largest over the groups); then the median over seeds. A learning rate that ends 
 its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
-        [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.2] [--meta-optimizer adam]
+        [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.1] [--meta-optimizer adam]
         [--every 8] [--no-confirm] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a

@@ -95,8 +95,9 @@ class Hypergradient:
             run that must move a value far (a few hundred steps, a rate 10x off) needs ``every=1``
             and ``meta_lr=0.2``.
         confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
-            the one before moved only if the validation loss did not rise and, for a classifier
-            (a ``valid_accuracy`` measured or reported), the accuracy did not fall; else the
+            the one before (kept or not) moved only if the validation loss did not rise and, for
+            a classifier (a ``valid_accuracy`` measured or reported at both), the accuracy did not
+            fall; else the
             values and the meta-optimizer's state go back to those kept at the last evaluation,
             before the next window (a run that stops there ends with the values it reached). A
             hypergradient sees ``horizon`` steps of the validation loss, an evaluation the whole

@@ -25,9 +25,10 @@ def build(trial):
         learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2)),
         # windows of 20 steps (the last 10 settling), a hyper-step on one in four with a meta
-        # learning rate of 0.2: a trial of 600 steps is short, and at 40-step windows or the
-        # defaults made for long runs (every=8, 0.1) it got too few hyper-steps; no confirmation
-        # by the evaluations, which slowed short trials (docs/estimators.md)
+        # learning rate of 0.2: a trial of 600 steps is short, and at 40-step windows it got too
+        # few hyper-steps (the defaults, every=8 and 0.1, are made for long runs and would move the
+        # values a quarter as far); no confirmation by the evaluations, which slowed short trials
+        # (docs/estimators.md)
         hypergradient=hypermeta.Hypergradient(horizon=20, every=4, meta_lr=0.2, confirm=False),
     )
 

@@ -112,7 +112,8 @@ def test_a_worse_evaluation_puts_back_the_values_kept_at_the_evaluation_before(d
     )
     put_back, accuracy_only = _worse_put_back(result, result.evaluations["step"].tolist(), horizon=10)
     assert len(put_back) >= 2, "no rise to act on: the test needs a run whose validation loss goes up"
-    assert accuracy_only >= 1, "the test needs an evaluation where only the accuracy is worse"
+    if confirm:
+        assert accuracy_only >= 1, "the test needs an evaluation where only the accuracy is worse"
     assert all(put_back) if confirm else not any(put_back)
     assert result.trajectory.groupby("name")["value"].nunique().min() > 1  # the values still move
 
