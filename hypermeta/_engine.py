@@ -97,9 +97,9 @@ class Hypergradient:
         confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
             the one before (kept or not) moved only if the validation loss did not rise and, for
             a classifier (a ``valid_accuracy`` measured or reported at both), the accuracy did not
-            fall; else the
-            values and the meta-optimizer's state go back to those kept at the last evaluation,
-            before the next window (a run that stops there ends with the values it reached). A
+            fall; else the values and the meta-optimizer's state go back to those kept at the last
+            evaluation, before the next window (a run that stops there ends with the values it
+            reached). A
             hypergradient sees ``horizon`` steps of the validation loss, an evaluation the whole
             stretch since the last and the accuracy too: on long runs the values drift where
             the look-ahead likes them and the run does not (rates down under the short-horizon

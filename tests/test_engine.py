@@ -140,30 +140,36 @@ def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the
     assert result.status == "completed" and len(put_back) >= 2 and all(put_back)
 
 
+def _run_reporting(digits, reports, *, steps, confirm=True):
+    """A loop of the user's own that reports ``reports(step)`` every 20 steps, instead of measuring."""
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def loop(hyper, report):
+        for step in range(1, steps + 1):
+            hyper.step(lambda m: cross_entropy(m(x), y), lambda m: cross_entropy(m(digits.valid.x), digits.valid.y))
+            if step % 20 == 0:
+                report(reports(step))
+
+    torch.manual_seed(0)
+    return train_loop(
+        loop, mlp(hidden=16), steps=steps, learning_rate=hypermeta.LearningRate(init=0.1),
+        weight_decay=hypermeta.WeightDecay(init=1e-3),
+        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
+    )
+
+
 def test_a_rise_at_the_last_evaluation_leaves_the_values_the_run_ended_with(digits):
     """The values go back only when training goes on: a run ends with those it reached.
 
     The reported losses are fixed, so only the last evaluation rises: with confirmation the run
     must end exactly where the same run without it ends.
     """
-    x, y = digits.train.x[:32], digits.train.y[:32]
-    cross_entropy = torch.nn.functional.cross_entropy
+    def reports(step):
+        return {"loss": 2.0 if step == 60 else 1.0}
 
-    def loop(hyper, report):
-        for step in range(1, 61):
-            hyper.step(lambda m: cross_entropy(m(x), y), lambda m: cross_entropy(m(digits.valid.x), digits.valid.y))
-            if step % 20 == 0:
-                report({"loss": 2.0 if step == 60 else 1.0})
-
-    def run(confirm):
-        torch.manual_seed(0)
-        return train_loop(
-            loop, mlp(hidden=16), steps=60, learning_rate=hypermeta.LearningRate(init=0.1),
-            weight_decay=hypermeta.WeightDecay(init=1e-3),
-            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
-        )
-
-    confirmed, kept = run(True), run(False)
+    confirmed = _run_reporting(digits, reports, steps=60, confirm=True)
+    kept = _run_reporting(digits, reports, steps=60, confirm=False)
     assert confirmed.hyperparameters == kept.hyperparameters
     trajectory = confirmed.trajectory
     kept_at_40 = trajectory[trajectory["step"] == 50].set_index("name")["value"]  # the window after it
@@ -173,22 +179,11 @@ def test_a_rise_at_the_last_evaluation_leaves_the_values_the_run_ended_with(digi
 
 @pytest.mark.parametrize("reported", ["loss", "loss and accuracy"])
 def test_an_accuracy_reported_lower_puts_back_the_values_though_the_loss_did_not_rise(digits, reported):
-    x, y = digits.train.x[:32], digits.train.y[:32]
-    cross_entropy = torch.nn.functional.cross_entropy
+    def reports(step):
+        accuracy = {"accuracy": 0.5 if step == 40 else 0.9} if reported == "loss and accuracy" else {}
+        return {"loss": 1.0, **accuracy}
 
-    def loop(hyper, report):
-        for step in range(1, 81):
-            hyper.step(lambda m: cross_entropy(m(x), y), lambda m: cross_entropy(m(digits.valid.x), digits.valid.y))
-            if step % 20 == 0:
-                accuracy = {"accuracy": 0.5 if step == 40 else 0.9} if reported == "loss and accuracy" else {}
-                report({"loss": 1.0, **accuracy})
-
-    torch.manual_seed(0)
-    result = train_loop(
-        loop, mlp(hidden=16), steps=80, learning_rate=hypermeta.LearningRate(init=0.1),
-        weight_decay=hypermeta.WeightDecay(init=1e-3),
-        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=True),
-    )
+    result = _run_reporting(digits, reports, steps=80)
     values = result.trajectory.pivot_table(index="step", columns="name", values="value")
     put_back = values.loc[50].tolist() == values.loc[30].tolist()  # the window after 40 ran with those kept at 20
     assert put_back == (reported == "loss and accuracy")
