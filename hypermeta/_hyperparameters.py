@@ -97,9 +97,9 @@ class HyperParameters:
     """The engine's view: log-space leaf tensors, one entry per (kind, segment, group).
 
     ``log_lr`` has shape ``(segments, groups)`` (``groups`` is 1 for a global rate) and
-    ``log_weight_decay`` has shape ``(groups,)`` or is ``None``. ``start_log_lr`` keeps the
-    starting rates (after :meth:`load_values`), from which :meth:`carry_into` measures what a
-    segment learned.
+    ``log_weight_decay`` has shape ``(groups,)`` or is ``None``. ``start`` keeps the starting
+    values (after :meth:`load_values`), from which :meth:`carry_into` measures what a segment
+    learned and :meth:`project` how far a value moved.
     """
 
     def __init__(
@@ -129,13 +129,13 @@ class HyperParameters:
         self.log_lr = torch.full(
             (learning_rate.segments, n_lr), math.log(learning_rate.init), dtype=dtype, device=device
         ).requires_grad_()
-        self.start_log_lr = self.log_lr.detach().clone()
         self.log_weight_decay = None
         if weight_decay is not None:
             n_wd = len(group_names) if weight_decay.scope == "per_group" else 1
             self.log_weight_decay = torch.full(
                 (n_wd,), math.log(weight_decay.init), dtype=dtype, device=device
             ).requires_grad_()
+        self.start = self.state()
 
     def tensors(self) -> list[torch.Tensor]:
         """The leaves the meta-optimizer updates."""
@@ -161,8 +161,8 @@ class HyperParameters:
         segment = self.segment(step)
         if segment == 0 or self.segment_start(segment) != step:
             return
-        learned = self.log_lr[segment - 1] - self.start_log_lr[segment - 1]
-        self.log_lr[segment] = self.start_log_lr[segment] + learned
+        learned = self.log_lr[segment - 1] - self.start[0][segment - 1]
+        self.log_lr[segment] = self.start[0][segment] + learned
         self.project()
 
     @torch.no_grad()
@@ -187,7 +187,7 @@ class HyperParameters:
         if saved_in == segment:
             self.log_lr[segment] = state[0][segment]
         elif carry:
-            self.log_lr[segment] = self.start_log_lr[segment] + state[0][saved_in] - self.start_log_lr[saved_in]
+            self.log_lr[segment] = self.start[0][segment] + state[0][saved_in] - self.start[0][saved_in]
         if self.log_weight_decay is not None:
             self.log_weight_decay.copy_(state[1])
         self.project()
@@ -229,11 +229,13 @@ class HyperParameters:
         return list(values)
 
     @torch.no_grad()
-    def project(self) -> None:
-        """Clamp every value into its bounds (in log space)."""
-        self.log_lr.clamp_(*(math.log(b) for b in self.learning_rate.bounds))
-        if self.log_weight_decay is not None:
-            self.log_weight_decay.clamp_(*(math.log(b) for b in self.weight_decay.bounds))
+    def project(self, *, reach: float | None = None) -> None:
+        """Clamp every value into its bounds and, given ``reach``, within that factor of its start."""
+        specs = [spec for spec in (self.learning_rate, self.weight_decay) if spec is not None]
+        for tensor, start, spec in zip(self.tensors(), self.start, specs, strict=True):
+            tensor.clamp_(*(math.log(b) for b in spec.bounds))
+            if reach is not None:
+                tensor.clamp_(start - math.log(reach), start + math.log(reach))
 
     def entries(self) -> list[tuple[str, str, int, torch.Tensor, int]]:
         """Every scalar hyperparameter as ``(name, group, segment, log-tensor, flat index)``."""
@@ -272,7 +274,7 @@ class HyperParameters:
             low, high = spec.bounds
             tensor, index = entries[key]
             tensor.view(-1)[index] = math.log(min(max(value, low), high))
-        self.start_log_lr = self.log_lr.detach().clone()
+        self.start = self.state()
 
     def state(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self.tensors()]

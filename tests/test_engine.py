@@ -273,6 +273,23 @@ def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_ste
     assert set(result.hyperparameters) == {"lr/0/0", "lr/0/1", "lr/2/0", "lr/2/1", "weight_decay/all"}
 
 
+def test_a_reach_keeps_every_value_a_run_trains_with_within_that_factor_of_its_start(small_digits):
+    def run(reach):
+        return hypermeta.train(
+            mlp(dtype=torch.float64), data=small_digits, steps=60, batch_size=16,
+            learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
+            weight_decay=hypermeta.WeightDecay(init=1e-3),
+            hypergradient=hypermeta.Hypergradient(horizon=5, every=1, meta_lr=1.0, confirm=False, reach=reach),
+        )
+    def moved(result):  # how far each row's value is from its start, in log space
+        start = result.trajectory["name"].map({"lr": 0.05, "weight_decay": 1e-3})
+        return (result.trajectory["value"] / start).map(math.log).abs()
+    assert moved(run(None)).max() > math.log(2.0) + 0.1
+    held = moved(run(2.0))
+    assert held.max() <= math.log(2.0) + 1e-9
+    assert held.max() == pytest.approx(math.log(2.0))
+
+
 @pytest.mark.parametrize("carry", [True, False])
 def test_a_segment_starts_where_the_previous_one_ended_unless_told_otherwise(small_digits, carry):
     result = hypermeta.train(

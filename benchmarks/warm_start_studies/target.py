@@ -18,7 +18,8 @@ def build(trial):
         # exact unrolls on the whole validation split, a hyper-step on every window, every one
         # kept: the committed results were measured with these
         hypergradient=hypermeta.Hypergradient(
-            estimator="unrolled", valid_batch_size=None, horizon=20, meta_lr=0.1, every=1, confirm=False
+            estimator="unrolled", valid_batch_size=None, horizon=20, meta_lr=0.1, every=1, confirm=False,
+            reach=None,
         ),
     )
 
