@@ -11,7 +11,7 @@ Adam steps over the same seeded DataLoader, each with one validation pass before
   per layer, as hypermeta makes them) with an evaluation loop of its own;
 * plain: ``hypermeta.train`` without hypergradients on ``Loaders`` of that DataLoader;
 * hyper: ``hypermeta.train`` with ``Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1,
-  confirm=False, reach=None)``: the cost of a hyper-step on every window.
+  confirm=False, span=None)``: the cost of a hyper-step on every window.
 
 One thread (``--threads``), the arms interleaved in a rotating order after a warm-up round; the
 ratios are medians over rounds of the per-round ratio to the torch arm. Run
@@ -105,7 +105,7 @@ def main() -> None:
         "torch": torch_arm,
         "plain": hypermeta_arm(None),
         "hyper": hypermeta_arm(
-            hypermeta.Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1, confirm=False, reach=None)
+            hypermeta.Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1, confirm=False, span=None)
         ),
     }
     names = list(arms)

@@ -10,12 +10,14 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.1] [--meta-optimizer adam]
-        [--every 8] [--no-confirm] [--reach 3 | --reach none] [--lr-floor 0.1] [--trace 8]
+        [--every 8] [--no-confirm] [--span 3 | --span none] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range).
 ``--trace N`` also prints each run's best evaluation and N evaluations spread over the run, with
-the losses and (adaptive runs) the learning rates and weight decays in force at that step.
+the losses, the validation accuracy (a classifier) and (adaptive runs) the learning rates and
+weight decays in force at that step. ``--span none`` lets the adaptive values go anywhere in their
+bounds (``Hypergradient(span=None)``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def _trace(result: hypermeta.TrainResult, points: int) -> None:
     for step, row in at.iterrows():
         held = values.asof(step) if len(values) and step >= values.index[0] else None  # the last window begun
         shown = "" if held is None else " ".join(f"{key} {value:.2g}" for key, value in held.items())
-        print(f"  step {step:>6}: train {row['train_loss']:.4f}, valid {row['valid_loss']:.4f}  {shown}")
+        accuracy = f", accuracy {row['valid_accuracy']:.3f}" if "valid_accuracy" in row else ""
+        print(f"  step {step:>6}: train {row['train_loss']:.4f}, valid {row['valid_loss']:.4f}{accuracy}  {shown}")
 
 
 def main() -> None:
@@ -96,15 +99,15 @@ def main() -> None:
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
     parser.add_argument("--no-confirm", dest="confirm", action="store_false", help="Hypergradient(confirm=False)")
-    parser.add_argument("--reach", type=lambda text: None if text == "none" else float(text),
-                        default=hypermeta.Hypergradient().reach, help="Hypergradient(reach=...); 'none' for None")
+    parser.add_argument("--span", type=lambda text: None if text == "none" else float(text),
+                        default=hypermeta.Hypergradient().span, help="Hypergradient(span=...); 'none' for None")
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
                                             meta_lr=args.meta_lr, meta_optimizer=args.meta_optimizer,
-                                            every=args.every, confirm=args.confirm, reach=args.reach)
+                                            every=args.every, confirm=args.confirm, span=args.span)
     print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
     for path in args.studies:
         study = load_study_file(path)

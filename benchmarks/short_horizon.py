@@ -47,7 +47,7 @@ def _final_valid_loss(result: hypermeta.TrainResult) -> float:
 
 def _spec(run: str, valid_batch_size: int | None) -> hypermeta.Hypergradient:
     """``Hypergradient`` for ``"estimator:K[:S]"``, or the default one, with meta_lr = 0.01 K."""
-    options = {"every": 1, "confirm": False, "reach": None}
+    options = {"every": 1, "confirm": False, "span": None}
     if valid_batch_size is not None:
         options["valid_batch_size"] = valid_batch_size
     if run == "default":

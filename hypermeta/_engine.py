@@ -92,8 +92,8 @@ class Hypergradient:
             runs of tens of thousands of steps, where faster movement let the values drift
             (``benchmarks/long_run.py``, docs/estimators.md); the digits MLP and MNIST-1D studies'
             short trials take 4 with ``meta_lr=0.2`` (the 35-value study 2 with 0.4), and a short
-            run that must move a value far (a few hundred steps, a rate 10x off) needs ``every=1``
-            and ``meta_lr=0.2``.
+            run that must move a value far (a few hundred steps, a rate 10x off) needs ``every=1``,
+            ``meta_lr=0.2`` and ``span=None``.
         confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
             the one before (kept or not) moved only if the validation loss did not rise and, for
             a classifier (a ``valid_accuracy`` measured or reported at both), the accuracy did not
@@ -110,14 +110,14 @@ class Hypergradient:
             short trials of a study it slowed adaptation on MNIST-1D (``benchmarks/hypermeta_arm.py``,
             see docs/estimators.md), so the committed studies turn it off. A bare
             :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
-        reach: how far hypergradients may move a value from where the run started it, as a
+        span: how far hypergradients may move a value from where the run started it, as a
             factor either way (the default 3: from a third to three times its start), inside its
             bounds; ``None``: anywhere in the bounds. A hypergradient looks ``horizon`` steps
             ahead, and over runs of minutes it kept pushing some values in one direction long
             after the run stopped gaining from it (MNIST-1D at 180 s: a weight decay up 320x, to
             the top of its range, the accuracy a point behind; ``benchmarks/long_run.py``,
             docs/benchmarks.md). A start far from good wants a search (``hypermeta run``) or
-            ``reach=None``; the committed studies, whose trials start where Optuna chose, take
+            ``span=None``; the committed studies, whose trials start where Optuna chose, take
             ``None``.
 
     Example:
@@ -137,7 +137,7 @@ class Hypergradient:
     valid_batches: int | None = None
     every: int = 8
     confirm: bool = True
-    reach: float | None = 3.0
+    span: float | None = 3.0
 
     @property
     def settling_steps(self) -> int:
@@ -166,11 +166,11 @@ class Hypergradient:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
-        if self.reach is not None and (
-            isinstance(self.reach, bool) or not isinstance(self.reach, int | float) or not self.reach >= 1
+        if self.span is not None and (
+            isinstance(self.span, bool) or not isinstance(self.span, int | float) or not self.span >= 1
         ):
-            raise ValueError(f"reach must be None or a factor >= 1 (10: from a tenth to ten times the start), "
-                             f"got {self.reach!r}")
+            raise ValueError(f"span must be None or a factor >= 1 (10: from a tenth to ten times the start), "
+                             f"got {self.span!r}")
 
 
 @dataclass
@@ -747,7 +747,7 @@ class _MetaStep:
         self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
-        self.confirm, self.reach = hypergradient.confirm, hypergradient.reach
+        self.confirm, self.span = hypergradient.confirm, hypergradient.span
         self.last = _Evaluation(math.inf, None)
         self.confirmed, self.confirmed_in = self.saved, 0
         self.put_back_into: int | None = None  # the segment whose rates go back before the next window
@@ -796,7 +796,7 @@ class _MetaStep:
             tensor.grad = grad
         self.optimizer.step()
         self.hyper.keep_other_segments(self.saved[0], segment)
-        self.hyper.project(reach=self.reach)
+        self.hyper.project(span=self.span)
 
     def reject(self) -> None:
         """Back to the values before the last meta step, with half the meta learning rate."""

@@ -229,13 +229,13 @@ class HyperParameters:
         return list(values)
 
     @torch.no_grad()
-    def project(self, *, reach: float | None = None) -> None:
-        """Clamp every value into its bounds and, given ``reach``, within that factor of its start."""
+    def project(self, *, span: float | None = None) -> None:
+        """Clamp every value into its bounds and, given ``span``, within that factor of its start."""
         specs = [spec for spec in (self.learning_rate, self.weight_decay) if spec is not None]
         for tensor, start, spec in zip(self.tensors(), self.start, specs, strict=True):
             tensor.clamp_(*(math.log(b) for b in spec.bounds))
-            if reach is not None:
-                tensor.clamp_(start - math.log(reach), start + math.log(reach))
+            if span is not None:
+                tensor.clamp_(start - math.log(span), start + math.log(span))
 
     def entries(self) -> list[tuple[str, str, int, torch.Tensor, int]]:
         """Every scalar hyperparameter as ``(name, group, segment, log-tensor, flat index)``."""

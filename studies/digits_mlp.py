@@ -28,8 +28,8 @@ def build(trial):
         # learning rate of 0.2: a trial of 600 steps is short, and at 40-step windows it got too
         # few hyper-steps (the defaults, every=8 and 0.1, are made for long runs and would move the
         # values a quarter as far); no confirmation by the evaluations, which slowed short trials
-        # (docs/estimators.md), and no reach: a trial's values go anywhere in the ranges
-        hypergradient=hypermeta.Hypergradient(horizon=20, every=4, meta_lr=0.2, confirm=False, reach=None),
+        # (docs/estimators.md), and no span: a trial's values go anywhere in the ranges
+        hypergradient=hypermeta.Hypergradient(horizon=20, every=4, meta_lr=0.2, confirm=False, span=None),
     )
 
 

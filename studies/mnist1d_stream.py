@@ -45,7 +45,7 @@ def build(trial):
         # a hyper-step on every window, every one kept, anywhere in the ranges, as this study was
         # measured (confirmation slowed the short trials of the MNIST-1D study, docs/estimators.md)
         hypergradient=hypermeta.Hypergradient(
-            horizon=20, meta_lr=(0.005, 0.05), valid_batches=2, every=1, confirm=False, reach=None
+            horizon=20, meta_lr=(0.005, 0.05), valid_batches=2, every=1, confirm=False, span=None
         ),
     )
 

@@ -5,7 +5,7 @@ import torch
 
 import hypermeta
 from hypermeta._data import Batches
-from hypermeta._engine import train_loop
+from hypermeta._engine import _Evaluation, train_loop
 from tests.conftest import mlp
 
 OPTIMIZERS = {
@@ -69,14 +69,30 @@ def _digits_run(data, lr, hypergradient, **kwargs):
 def test_learning_rate_ten_times_too_small_is_learned_on_digits(digits):
     """0.01 is 10x below the best fixed rate on this task (0.1, see benchmarks/short_horizon.py).
 
-    600 steps are 15 windows: a hyper-step on every one with a meta learning rate of 0.2 (the defaults,
-    made for long runs, take one in eight and 0.1) is what a short run needs.
+    600 steps are 15 windows: a hyper-step on every one with a meta learning rate of 0.2, anywhere in
+    the bounds (the defaults, made for long runs, take one in eight and 0.1, within 3x of the start)
+    is what a short run needs.
     """
     plain = _digits_run(digits, 0.01, None)
-    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient(every=1, meta_lr=0.2))
+    learned = _digits_run(digits, 0.01, hypermeta.Hypergradient(every=1, meta_lr=0.2, span=None))
     final_lr = learned.hyperparameters["lr/all/0"]
     assert 0.03 < final_lr < 1.0
     assert learned.evaluations["valid_loss"].iloc[-1] < plain.evaluations["valid_loss"].iloc[-1]
+
+
+@pytest.mark.parametrize(
+    ("now", "before", "kept"),
+    [
+        (_Evaluation(0.5, 0.9), _Evaluation(0.5, 0.9), True),
+        (_Evaluation(0.4, 0.8), _Evaluation(0.5, 0.9), False),  # a lower loss does not make up for the accuracy
+        (_Evaluation(0.6, 0.95), _Evaluation(0.5, 0.9), False),
+        (_Evaluation(0.4, None), _Evaluation(0.5, 0.9), True),  # no accuracy on one side: the loss alone
+        (_Evaluation(0.4, 0.1), _Evaluation(0.5, None), True),
+        (_Evaluation(0.6, None), _Evaluation(0.5, None), False),
+    ],
+)
+def test_an_evaluation_is_no_worse_when_the_loss_did_not_rise_and_an_accuracy_on_both_did_not_fall(now, before, kept):
+    assert now.no_worse_than(before) is kept
 
 
 def _worse_put_back(result, acted_at, horizon):
@@ -107,9 +123,9 @@ def _worse_put_back(result, acted_at, horizon):
 @pytest.mark.parametrize("confirm", [True, False])
 def test_a_worse_evaluation_puts_back_the_values_kept_at_the_evaluation_before(digits, confirm):
     result = _digits_run(
-        digits, 0.3, hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm),
+        digits, 0.3, hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=confirm, span=None),
         weight_decay=hypermeta.WeightDecay(init=1e-3), eval_every=30,
-    )
+    )  # no span: a value held at its edge would look put back
     put_back, accuracy_only = _worse_put_back(result, result.evaluations["step"].tolist(), horizon=10)
     assert len(put_back) >= 2, "no rise to act on: the test needs a run whose validation loss goes up"
     if confirm:
@@ -219,8 +235,9 @@ def test_exploding_initial_learning_rate_stops_with_a_reason(digits):
 
 
 def test_exploding_meta_step_is_rejected_and_the_run_recovers(digits):
-    """A meta learning rate of 4 multiplies the rate by e^4 per hyper-step: the guard must catch it."""
-    result = _digits_run(digits, 0.1, hypermeta.Hypergradient(horizon=10, meta_lr=4.0, max_failures=20))
+    """A meta learning rate of 4 multiplies the rate by e^4 per hyper-step: the guard must catch it
+    (without a span, which would hold the rate within 3x)."""
+    result = _digits_run(digits, 0.1, hypermeta.Hypergradient(horizon=10, meta_lr=4.0, max_failures=20, span=None))
     assert result.rejected_steps > 0
     assert result.status == "completed", result.reason
     assert torch.isfinite(torch.tensor(result.evaluations["valid_loss"].to_list())).all()
@@ -273,13 +290,13 @@ def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_ste
     assert set(result.hyperparameters) == {"lr/0/0", "lr/0/1", "lr/2/0", "lr/2/1", "weight_decay/all"}
 
 
-def test_a_reach_keeps_every_value_a_run_trains_with_within_that_factor_of_its_start(small_digits):
-    def run(reach):
+def test_a_span_keeps_every_value_a_run_trains_with_within_that_factor_of_its_start(small_digits):
+    def run(span):
         return hypermeta.train(
             mlp(dtype=torch.float64), data=small_digits, steps=60, batch_size=16,
             learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
             weight_decay=hypermeta.WeightDecay(init=1e-3),
-            hypergradient=hypermeta.Hypergradient(horizon=5, every=1, meta_lr=1.0, confirm=False, reach=reach),
+            hypergradient=hypermeta.Hypergradient(horizon=5, every=1, meta_lr=1.0, confirm=False, span=span),
         )
     def moved(result):  # how far each row's value is from its start, in log space
         start = result.trajectory["name"].map({"lr": 0.05, "weight_decay": 1e-3})
@@ -295,7 +312,7 @@ def test_a_segment_starts_where_the_previous_one_ended_unless_told_otherwise(sma
     result = hypermeta.train(
         mlp(dtype=torch.float64), data=small_digits, steps=40, batch_size=16,
         learning_rate=hypermeta.LearningRate(init=0.05, segments=2),
-        hypergradient=hypermeta.Hypergradient(horizon=5, meta_lr=0.3, carry_segments=carry, every=1),
+        hypergradient=hypermeta.Hypergradient(horizon=5, meta_lr=0.3, carry_segments=carry, every=1, span=None),
     )
     values = result.trajectory.pivot_table(index="step", columns="segment", values="value")
     first, ended = values[0], values[0][25]  # rows hold the values a window trained with

@@ -26,9 +26,9 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.Hypergradient(horizon=8, settle=8), "settle must be an integer with 0 <= settle < horizon"),
         (lambda: hypermeta.Hypergradient(settle=-1), "settle must be"),
         (lambda: hypermeta.Hypergradient(settle=2.5), "settle must be"),
-        (lambda: hypermeta.Hypergradient(reach=0.5), "reach must be None or a factor >= 1"),
-        (lambda: hypermeta.Hypergradient(reach="10"), "reach must be None or a factor >= 1"),
-        (lambda: hypermeta.Hypergradient(reach=True), "reach must be None or a factor >= 1"),
+        (lambda: hypermeta.Hypergradient(span=0.5), "span must be None or a factor >= 1"),
+        (lambda: hypermeta.Hypergradient(span="10"), "span must be None or a factor >= 1"),
+        (lambda: hypermeta.Hypergradient(span=True), "span must be None or a factor >= 1"),
     ],
 )
 def test_invalid_specs_are_rejected(make, message):
@@ -39,7 +39,7 @@ def test_invalid_specs_are_rejected(make, message):
 def test_the_defaults_are_those_the_long_runs_were_measured_with():
     """docs/benchmarks.md's long runs measure ``Hypergradient()``: these values, confirmation on."""
     default = hypermeta.Hypergradient()
-    assert (default.confirm, default.every, default.meta_lr, default.reach) == (True, 8, 0.1, 3.0)
+    assert (default.confirm, default.every, default.meta_lr, default.span) == (True, 8, 0.1, 3.0)
 
 
 def _hyper(segments=4, total_steps=100):
@@ -67,15 +67,15 @@ def test_projection_clamps_into_bounds_in_log_space():
     assert math.isclose(values["lr/a/0"], 1.0) and math.isclose(values["weight_decay/all"], 1e-4)
 
 
-def test_projection_with_a_reach_keeps_each_value_within_that_factor_of_its_own_start():
+def test_projection_with_a_span_keeps_each_value_within_that_factor_of_its_own_start():
     hyper = _hyper()
     hyper.load_values({"lr/a/0": 0.05, "lr/b/0": 0.8})
     with torch.no_grad():
         hyper.log_lr += math.log(4.0)
         hyper.log_weight_decay -= math.log(4.0)
-    hyper.project()  # no reach: only the bounds
+    hyper.project()  # no span: only the bounds
     assert hyper.values()["lr/a/0"] == pytest.approx(0.2)
-    hyper.project(reach=2.0)
+    hyper.project(span=2.0)
     values = hyper.values()
     assert values["lr/a/0"] == pytest.approx(0.1)  # twice its start
     assert values["lr/b/0"] == pytest.approx(1.0)  # its bound, before twice its start

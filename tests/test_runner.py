@@ -164,7 +164,9 @@ def _exploding_second_trial(data, *, lr: float, meta_lr: float):
         return hypermeta.Setup(
             model=torch.nn.Linear(64, 10), data=data, steps=60, batch_size=32,
             learning_rate=hypermeta.LearningRate(init=lr if explodes else 0.05, bounds=(1e-6, 1e6)),
-            hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=meta_lr if explodes else 0.1, max_failures=0),
+            hypergradient=hypermeta.Hypergradient(  # no span: the rate must be free to explode
+                horizon=10, meta_lr=meta_lr if explodes else 0.1, max_failures=0, span=None
+            ),
         )
 
     return build

@@ -17,7 +17,7 @@ def build(trial):
         # kept: the committed results were measured with these
         hypergradient=hypermeta.Hypergradient(
             estimator="unrolled", valid_batch_size=None, horizon=20, meta_lr=0.1, every=1, confirm=False,
-            reach=None,
+            span=None,
         ),
     )
 
