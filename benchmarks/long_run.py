@@ -13,7 +13,8 @@ its start has collapsed under the short-horizon bias.
         [--every 8] [--no-confirm] [--span 3 | --span none] [--lr-floor 0.1] [--trace 8]
 
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
-lower bound of the study's learning rate, which otherwise is the low end of its range).
+lower bound of the study's learning rate, which otherwise is the low end of its range; with the
+default span of 3 a floor below 1/3 changes nothing).
 ``--trace N`` also prints each run's best evaluation and N evaluations spread over the run, with
 the losses, the validation accuracy (a classifier) and (adaptive runs) the learning rates and
 weight decays in force at that step. ``--span none`` lets the adaptive values go anywhere in their
@@ -55,6 +56,18 @@ def _paired(pairs: list[tuple[dict, dict]], key: str) -> str:
 
 def _show(moved: tuple[float, float] | None) -> str:
     return "-" if moved is None else f"{moved[0]:.2g}..{moved[1]:.2g}x"
+
+
+def _span(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        span = float(text)
+    except ValueError:
+        span = math.nan
+    if not span >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a factor >= 1 or 'none'")
+    return span
 
 
 def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
@@ -99,8 +112,8 @@ def main() -> None:
     parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
     parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
     parser.add_argument("--no-confirm", dest="confirm", action="store_false", help="Hypergradient(confirm=False)")
-    parser.add_argument("--span", type=lambda text: None if text == "none" else float(text),
-                        default=hypermeta.Hypergradient().span, help="Hypergradient(span=...); 'none' for None")
+    parser.add_argument("--span", type=_span, default=hypermeta.Hypergradient().span,
+                        help="Hypergradient(span=...): a factor >= 1, or 'none'")
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()

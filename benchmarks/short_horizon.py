@@ -9,8 +9,9 @@ Printed per run: the final learned rate over the best fixed rate (1.0 = found it
 rate collapsed), the smallest rate on the way, and the final validation loss, median over seeds.
 The row "default" is ``Hypergradient()`` with its meta learning rate set as above; a run
 ``estimator:K`` has no settling steps, ``estimator:K:S`` settles its last S steps of each window.
-Every run takes a hyper-step on every window and keeps every one (``every=1, confirm=False``), as
-the committed tables were measured: the bias measured is the estimators' own.
+Every run takes a hyper-step on every window, keeps every one and lets the rate go anywhere in its
+bounds (``every=1, confirm=False, span=None``), as the committed tables were measured: the bias
+measured is the estimators' own.
 
     python benchmarks/short_horizon.py [--seeds 3] [--runs default unrolled:20 first_order:40:20 ...]
         [--valid-batch-size N]

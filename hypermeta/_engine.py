@@ -117,8 +117,8 @@ class Hypergradient:
             after the run stopped gaining from it (MNIST-1D at 180 s: a weight decay up 320x, to
             the top of its range, the accuracy a point behind; ``benchmarks/long_run.py``,
             docs/benchmarks.md). A start far from good wants a search (``hypermeta run``) or
-            ``span=None``; the committed studies, whose trials start where Optuna chose, take
-            ``None``.
+            ``span=None``. In a study, each trial's span is around the values Optuna chose for
+            it; the committed studies pass ``None``, as they were measured.
 
     Example:
         >>> import hypermeta

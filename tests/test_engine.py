@@ -149,8 +149,8 @@ def test_an_evaluation_in_the_middle_of_a_window_of_the_users_loop_acts_when_the
     result = train_loop(
         loop, mlp(hidden=128), steps=600, optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=0.3), weight_decay=hypermeta.WeightDecay(init=1e-3),
-        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=True),
-    )
+        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.3, every=1, confirm=True, span=None),
+    )  # no span: a value held at its edge would look put back
     acted_at = [-(-step // 10) * 10 for step in range(25, 601, 25)]  # the end of the window each report fell in
     put_back, _ = _worse_put_back(result, acted_at, horizon=10)
     assert result.status == "completed" and len(put_back) >= 2 and all(put_back)
@@ -290,13 +290,14 @@ def test_trajectory_is_long_format_with_one_row_per_hyperparameter_per_hyper_ste
     assert set(result.hyperparameters) == {"lr/0/0", "lr/0/1", "lr/2/0", "lr/2/1", "weight_decay/all"}
 
 
-def test_a_span_keeps_every_value_a_run_trains_with_within_that_factor_of_its_start(small_digits):
+@pytest.mark.parametrize(("segments", "confirm"), [(1, False), (2, True)])  # also through carry and put-back
+def test_a_span_keeps_every_value_a_run_trains_with_within_that_factor_of_its_start(small_digits, segments, confirm):
     def run(span):
         return hypermeta.train(
-            mlp(dtype=torch.float64), data=small_digits, steps=60, batch_size=16,
-            learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
+            mlp(dtype=torch.float64), data=small_digits, steps=60, batch_size=16, eval_every=10,
+            learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group", segments=segments),
             weight_decay=hypermeta.WeightDecay(init=1e-3),
-            hypergradient=hypermeta.Hypergradient(horizon=5, every=1, meta_lr=1.0, confirm=False, span=span),
+            hypergradient=hypermeta.Hypergradient(horizon=5, every=1, meta_lr=1.0, confirm=confirm, span=span),
         )
     def moved(result):  # how far each row's value is from its start, in log space
         start = result.trajectory["name"].map({"lr": 0.05, "weight_decay": 1e-3})

@@ -173,11 +173,12 @@ def test_a_search_range_is_where_hypergradients_may_move_the_value_unless_bounds
     assert hypermeta.WeightDecay(init=(1e-9, 1e-2)).bounds == (1e-9, 1e-2)
     assert hypermeta.LearningRate(init=0.1).bounds == (1e-6, 10.0)
     assert hypermeta.LearningRate(init=(1e-3, 1.0), bounds=(1e-4, 5.0)).bounds == (1e-4, 5.0)
-    # a trial's chosen start keeps the range as its bounds: a huge meta step stops at its top
+    # a trial's chosen start keeps the range as its bounds: a huge meta step stops at one end (no
+    # span, which would stop it at 0.033 on the way down)
     spec = dataclasses.replace(hypermeta.LearningRate(init=(0.01, 0.2)), init=0.1)
     result = hypermeta.train(
         torch.nn.Linear(64, 10), data=small_digits, steps=20, batch_size=16, learning_rate=spec,
-        hypergradient=hypermeta.Hypergradient(horizon=5, settle=0, meta_optimizer="sgd", meta_lr=1e6),
+        hypergradient=hypermeta.Hypergradient(horizon=5, settle=0, meta_optimizer="sgd", meta_lr=1e6, span=None),
     )
     assert result.trajectory["value"].iloc[-1] in (pytest.approx(0.01), pytest.approx(0.2))
 
