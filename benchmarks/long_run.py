@@ -3,7 +3,7 @@
 For each study file, each seed runs the study's defaults (the middle of every range, the first of
 every choice; as the ``defaults`` arm of ``hypermeta compare``) twice for the same wall-clock
 seconds: once with fixed values and once with ``Hypergradient()`` (or the options given), in
-alternating order. Printed per run: steps taken, final validation loss, test accuracy of the final
+alternating order. Printed per run: steps taken, the final validation metric (the study's), test accuracy of the final
 model, and how far the learning rates and weight decays moved (final over start, the smallest and
 largest over the groups); then the median over seeds. A learning rate that ends 10x or more below
 its start has collapsed under the short-horizon bias.
@@ -135,14 +135,14 @@ def main() -> None:
                                budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None,
                                on_result=traced.append if args.trace else None)
                 rows[arm].append(row)
-                print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, valid {row['value']:.4f}, "
+                print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, {study.metric} {row['value']:.4f}, "
                       f"test loss {row.get('test_loss', float('nan')):.4f}, "
                       f"accuracy {row.get('test_accuracy', float('nan')):.4f}, "
                       f"lr {_show(_moved(row, 'lr'))}, weight decay {_show(_moved(row, 'weight_decay'))}", flush=True)
                 if args.trace:
                     _trace(traced[0], args.trace)
         print(f"\n{study.name}, {budget.seconds:g} s per run, median over {args.seeds} seeds:")
-        print("| run | steps | final valid loss | test accuracy | lr final/start (lowest) |")
+        print(f"| run | steps | final {study.metric} | test accuracy | lr final/start (lowest) |")
         print("|---|---|---|---|---|")
         for arm, of_arm in rows.items():
             lowest = [(_moved(row, "lr") or (1.0, 1.0))[0] for row in of_arm]
@@ -151,11 +151,12 @@ def main() -> None:
                   f"{statistics.median(r.get('test_accuracy', float('nan')) for r in of_arm):.4f} | "
                   f"{statistics.median(lowest):.2g}x |")
         pairs = list(zip(rows["adaptive"], rows["fixed"], strict=True))
-        lower = sum(a["value"] < f["value"] for a, f in pairs)
+        sign = 1 if study.direction == "minimize" else -1
+        better = sum(sign * a["value"] < sign * f["value"] for a, f in pairs)
         higher = sum(a.get("test_accuracy", 0.0) > f.get("test_accuracy", 0.0) for a, f in pairs)
-        print(f"adaptive ended with the lower validation loss in {lower} of {args.seeds} seeds "
-              f"and the higher test accuracy in {higher}", flush=True)
-        print(f"adaptive minus fixed, mean over seeds (standard error): valid loss {_paired(pairs, 'value')}, "
+        print(f"adaptive ended with the better {study.metric} ({'lower' if sign == 1 else 'higher'}) in {better} "
+              f"of {args.seeds} seeds and the higher test accuracy in {higher}", flush=True)
+        print(f"adaptive minus fixed, mean over seeds (standard error): {study.metric} {_paired(pairs, 'value')}, "
               f"test accuracy {_paired(pairs, 'test_accuracy')}\n", flush=True)
 
 
