@@ -50,10 +50,10 @@ class Hypergradient:
     Args:
         estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
             tangents through the weights and the optimizer state, training Hessian dropped;
-            1.12x (digits MLP) and 1.04x (MNIST-1D CNN) plain training end to end with the
+            1.10x (digits MLP) and 1.04x (MNIST-1D CNN) plain training end to end with the
             default ``every=8``, 1.2-1.6x with a hyper-step on every window), ``"unrolled"``
             (exact: truncated reverse mode through ``horizon`` steps with ``higher``; 1.28x and
-            1.48x, and 2.9-3.5x on every window) or
+            1.47x, and 2.9-3.5x on every window) or
             ``"greedy"`` (Baydin et al. 2018: the optimizer state also held fixed). See
             docs/estimators.md.
         horizon: K, the inner steps per hyper-step (a window), settling steps included.
