@@ -17,8 +17,12 @@ first_half() {  # the headline: an equal budget of wall-clock seconds
 second_half() {
   hypermeta compare studies/mnist1d_cnn.py --budget-seconds 180 --seeds 3 --threads 1 --out reports/compare-mnist1d-cnn-seconds
 }
+streamed() {  # the study of data streamed from disk (made once under .hypermeta/data, about 40 s)
+  hypermeta compare studies/mnist1d_stream.py --budget-seconds 120 --seeds 3 --threads 1 --out reports/compare-mnist1d-stream-seconds
+}
 case "${1:-all}" in
   first) first_half ;;
   second) second_half ;;
-  *) first_half; second_half ;;
+  stream) streamed ;;
+  *) first_half; second_half; streamed ;;
 esac
