@@ -747,7 +747,8 @@ class _MetaStep:
         self.windows = 0  # begun so far, rejected ones included
         self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
         self.saved = self._save()
-        self.confirm, self.span = hypergradient.confirm, hypergradient.span
+        self.confirm = hypergradient.confirm
+        hyper.hold_within(hypergradient.span)  # so carry_into and restore keep the span too
         self.last = _Evaluation(math.inf, None)
         self.confirmed, self.confirmed_in = self.saved, 0
         self.put_back_into: int | None = None  # the segment whose rates go back before the next window
@@ -796,7 +797,7 @@ class _MetaStep:
             tensor.grad = grad
         self.optimizer.step()
         self.hyper.keep_other_segments(self.saved[0], segment)
-        self.hyper.project(span=self.span)
+        self.hyper.project()
 
     def reject(self) -> None:
         """Back to the values before the last meta step, with half the meta learning rate."""

@@ -136,6 +136,7 @@ class HyperParameters:
                 (n_wd,), math.log(weight_decay.init), dtype=dtype, device=device
             ).requires_grad_()
         self.start = self.state()
+        self.span: float | None = None  # see hold_within
 
     def tensors(self) -> list[torch.Tensor]:
         """The leaves the meta-optimizer updates."""
@@ -228,14 +229,18 @@ class HyperParameters:
             return [values[0]] * len(self.group_names)
         return list(values)
 
+    def hold_within(self, span: float | None) -> None:
+        """From now on :meth:`project` also keeps every value within a factor ``span`` of its start."""
+        self.span = span
+
     @torch.no_grad()
-    def project(self, *, span: float | None = None) -> None:
-        """Clamp every value into its bounds and, given ``span``, within that factor of its start."""
+    def project(self) -> None:
+        """Clamp every value into its bounds and within a factor ``span`` of its start (:meth:`hold_within`)."""
         specs = [spec for spec in (self.learning_rate, self.weight_decay) if spec is not None]
         for tensor, start, spec in zip(self.tensors(), self.start, specs, strict=True):
             tensor.clamp_(*(math.log(b) for b in spec.bounds))
-            if span is not None:
-                tensor.clamp_(start - math.log(span), start + math.log(span))
+            if self.span is not None:
+                tensor.clamp_(start - math.log(self.span), start + math.log(self.span))
 
     def entries(self) -> list[tuple[str, str, int, torch.Tensor, int]]:
         """Every scalar hyperparameter as ``(name, group, segment, log-tensor, flat index)``."""

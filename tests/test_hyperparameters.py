@@ -75,7 +75,8 @@ def test_projection_with_a_span_keeps_each_value_within_that_factor_of_its_own_s
         hyper.log_weight_decay -= math.log(4.0)
     hyper.project()  # no span: only the bounds
     assert hyper.values()["lr/a/0"] == pytest.approx(0.2)
-    hyper.project(span=2.0)
+    hyper.hold_within(2.0)
+    hyper.project()
     values = hyper.values()
     assert values["lr/a/0"] == pytest.approx(0.1)  # twice its start
     assert values["lr/b/0"] == pytest.approx(1.0)  # its bound, before twice its start
