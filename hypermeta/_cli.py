@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import warnings
@@ -46,6 +47,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, such as 0.75, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hypermeta", description="Hyperparameter optimization as meta-learning.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--warm-start", metavar="STUDY", help="start from the best trial of this stored study")
     run.add_argument("--warm-storage", metavar="URL", help="storage of the --warm-start study (default: --storage)")
+    run.add_argument(
+        "--finish", type=_positive_float, metavar="SECONDS",
+        help="then one finishing run of the best trial's choices for SECONDS, from the values it learned, adapting",
+    )
 
     studies = commands.add_parser("studies", help="list stored studies")
     storage_flags(studies)
@@ -101,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-steps", type=_positive_int, help="inner training steps per arm and seed")
     budget.add_argument("--budget-seconds", type=_positive_float, help="wall-clock seconds per arm and seed")
     compare.add_argument("--seeds", type=_positive_int, default=3, help="repetitions with seeds 0..N-1 (default 3)")
+    compare.add_argument(
+        "--finish", type=_fraction, metavar="FRACTION",
+        help="each search arm keeps this fraction of its budget for one finishing run of its best trial's choices"
+        " (hypermeta's from the values it learned, adapting; a black-box arm's fixed), after searching the rest",
+    )
     compare.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     threads_flag(compare)
     compare.add_argument("--out", help="report directory (default: reports/compare-NAME)")
@@ -153,7 +173,7 @@ def _run_study(args) -> int:
     options = RunOptions(
         storage=args.storage, artifacts=args.artifacts, n_trials=args.n_trials, timeout=args.timeout,
         sampler=args.sampler, seed=args.seed, device=args.device, quiet=args.quiet,
-        warm_start=args.warm_start, warm_storage=args.warm_storage,
+        warm_start=args.warm_start, warm_storage=args.warm_storage, finish=args.finish,
     )
     stored = run_study(study, options)
     table = _results.trials_table(stored)
@@ -182,7 +202,7 @@ def _compare(args) -> int:
     from hypermeta import _compare as _compare_arms  # matplotlib is imported for this command only
 
     study = load_study_file(args.study_file)
-    budget = _compare_arms.Budget(steps=args.budget_steps, seconds=args.budget_seconds)
+    budget = _compare_arms.Budget(steps=args.budget_steps, seconds=args.budget_seconds, finish=args.finish)
     check_device(args.device)
     out = Path(args.out or Path("reports") / f"compare-{directory_name(study.name)}")
     check_target(out, study.name)  # before the arms run, not after

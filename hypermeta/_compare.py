@@ -15,6 +15,11 @@ the user fixes; the other is recorded):
    trained once, without hypergradients, for the whole budget.
 
 The other search arms use the study's pruner; every arm runs with the same seeds.
+
+With ``finish`` (``--finish 0.75``) each search arm searches for the rest of its budget only and
+then spends that fraction on one finishing run of its best trial's choices: hypermeta's from the
+values that trial learned, hypergradients moving them on; a black-box arm's at its values, fixed.
+It is what a user does after a search, counted inside the same budget.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from hypermeta._engine import Hypergradient, TrainResult
 from hypermeta._engine import evaluation_cadence as engine_cadence
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
-from hypermeta._records import FAIL_REASON
-from hypermeta._runner import TrialRunner
+from hypermeta._records import FAIL_REASON, FINISH
+from hypermeta._runner import UNTIL_THE_DEADLINE, TrialRunner, enqueue_finish
 from hypermeta._study import Setup, Study, hyperparameter_keys, resolve, spec_of, starting_value
 
 ARMS = ("hypermeta", "tpe", "random", "hyperband", "defaults")
@@ -51,10 +56,18 @@ class Budget:
 
     steps: int | None = None
     seconds: float | None = None
+    finish: float | None = None  # the fraction a search arm keeps for one finishing run of its best trial
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.seconds is None):
             raise UsageError("give exactly one of --budget-steps and --budget-seconds")
+        if self.finish is not None and not 0 < self.finish < 1:
+            raise UsageError(f"--finish must be a fraction between 0 and 1, got {self.finish!r}; try --finish 0.75")
+
+    @property
+    def searching(self) -> float:
+        """What a search arm spends on its search, before the finishing run."""
+        return self.total * (1 - (self.finish or 0))
 
     @property
     def unit(self) -> str:
@@ -73,7 +86,7 @@ def run_arms(study: Study, *, budget: Budget, seeds: int, device: str = "cpu", l
         for arm in ARMS:
             started = time.perf_counter()
             rows = _defaults(study, budget, seed, device) if arm == "defaults" else _search(
-                study, arm, budget, seed, device
+                study, arm, budget, seed, device, log=log
             )
             frame = pd.DataFrame(rows).assign(arm=arm, seed=seed)
             frame["cum_steps"] = frame["steps"].cumsum()
@@ -83,11 +96,13 @@ def run_arms(study: Study, *, budget: Budget, seeds: int, device: str = "cpu", l
     return pd.concat(frames, ignore_index=True)
 
 
-def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> list[dict]:
+def _search(study: Study, arm: str, budget: Budget, seed: int, device: str, log=print) -> list[dict]:
     search = search_study(study, arm=arm, seed=seed)
     started = time.perf_counter()
-    deadline = started + budget.seconds if budget.seconds else None  # the trial that crosses it is not counted
-    runner = TrialRunner(study, seed=seed * 10_000, device=device, online=arm == "hypermeta", deadline=deadline)
+    # the trial that crosses the search's deadline is pruned there, and one that crosses the budget is not counted
+    deadline = started + budget.searching if budget.seconds else None
+    online = arm == "hypermeta"
+    runner = TrialRunner(study, seed=seed * 10_000, device=device, online=online, deadline=deadline)
     rows: list[dict] = []
     last = [started]
 
@@ -98,15 +113,33 @@ def _search(study: Study, arm: str, budget: Budget, seed: int, device: str) -> l
         recent = [row["state"] for row in rows[-MAX_FAILURES_IN_A_ROW:]]
         if len(recent) == MAX_FAILURES_IN_A_ROW and set(recent) == {"FAIL"}:
             search.stop()
-        spent = sum(row[budget.unit] for row in rows)
-        if spent >= budget.total:
+        if sum(row[budget.unit] for row in rows) >= budget.searching:
             search.stop()
 
     search.optimize(runner, catch=(Exception,), callbacks=[on_trial_end])
     if rows and all(row["state"] == "FAIL" for row in rows):
         reason = search.trials[-1].user_attrs.get(FAIL_REASON, "unknown").splitlines()[0]
         raise UsageError(f"every {arm} trial failed ({reason}); fix the study file")
+    if budget.finish and _enqueue_finish(search, budget=budget, online=online, started=started, rows=rows, log=log):
+        search.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[on_trial_end])
     return rows
+
+
+def _enqueue_finish(search: optuna.Study, *, budget: Budget, online: bool, started: float, rows: list[dict], log):
+    """Queue the finishing run: the best trial's choices for the rest of the budget; False if there is none.
+
+    Under a budget of seconds it trains until the budget's deadline, as the defaults arm's run does
+    (a guess of its length from the best trial's pace ended it early, the budget unspent).
+    """
+    if not search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        log(f"{search.study_name}: no trial completed before the finishing run; none was run")
+        return False
+    left = budget.total - (sum(row["steps"] for row in rows) if budget.steps else time.perf_counter() - started)
+    if left <= 0:
+        log(f"{search.study_name}: the search spent the whole budget; no finishing run was run")
+        return False
+    enqueue_finish(search, search.best_trial, online=online, **{budget.unit: left})
+    return True
 
 
 def search_study(study: Study, *, arm: str, seed: int) -> optuna.Study:
@@ -143,6 +176,7 @@ def _row(trial: optuna.trial.FrozenTrial, *, seconds: float) -> dict:
         "value": trial.value if trial.state == optuna.trial.TrialState.COMPLETE else math.nan,
         "steps": trial.user_attrs.get("steps", 0),
         "seconds": seconds,
+        "finish": FINISH in trial.user_attrs,
         **{k: v for k, v in trial.user_attrs.items() if k.startswith("test_")},
         **{f"param {name}": value for name, value in trial.params.items()},
     }
@@ -168,7 +202,7 @@ def long_run(
     setup = dataclasses.replace(setup, hypergradient=hypergradient)
     torch.manual_seed(seed * 10_000)
     started = time.perf_counter()
-    steps = budget.steps or 10**9
+    steps = budget.steps or UNTIL_THE_DEADLINE
     stop_at = started + budget.seconds if budget.seconds else math.inf
     eval_every = evaluation_cadence(setup)  # the study's cadence, not the long run's
     result = dataclasses.replace(setup, steps=steps, eval_every=eval_every).train(
@@ -218,8 +252,10 @@ def _default(distribution: optuna.distributions.BaseDistribution):
 
 
 def within_budget(trials: pd.DataFrame, budget: Budget) -> pd.Series:
-    """Which trials ended within the budget (the defaults arm's one run always does)."""
-    return (trials[f"cum_{budget.unit}"] <= budget.total * (1 + 1e-9)) | (trials["arm"] == "defaults")
+    """Which trials ended within the budget (the defaults arm's one run, and a finishing run, always do:
+    they end at the budget's deadline, then evaluate)."""
+    finishing = trials["finish"].eq(True) if "finish" in trials else False
+    return (trials[f"cum_{budget.unit}"] <= budget.total * (1 + 1e-9)) | (trials["arm"] == "defaults") | finishing
 
 
 def summarize(counted: pd.DataFrame, *, direction: str) -> pd.DataFrame:
@@ -297,6 +333,8 @@ def markdown_table(
         f"# compare {study.name}: equal budget of {budget.total:g} {budget.unit}, {summary['seed'].nunique()} seeds",
         "",
         f"Median over seeds [min, max]; `best valid` is the best {study.metric} within the budget.",
+        *(["", f"Each search arm spent the last {budget.finish:g} of its budget on one finishing run of its best "
+               "trial's choices (hypermeta's from the values that trial learned, adapting)."] if budget.finish else []),
         "",
         "| arm | best valid | test accuracy | test macro-F1 | trials | steps | seconds |",
         "|---|---|---|---|---|---|---|",

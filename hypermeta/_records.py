@@ -43,6 +43,7 @@ REJECTED_STEPS = "rejected_steps"
 LAYERS = "layers"
 STOP_REASON = "stop_reason"
 FAIL_REASON = "fail_reason"
+FINISH = "finish"  # a finishing run's user attribute: {"of": the trial it finishes, "steps", "seconds", "start"}
 TEST_PREFIX = "test_"
 
 STUDY_METRIC = "metric"  # study user attribute: the objective, for reports that never read the study file

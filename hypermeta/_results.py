@@ -13,6 +13,7 @@ from hypermeta import _storage
 from hypermeta._records import (
     EVALUATIONS_FILE,
     FAIL_REASON,
+    FINISH,
     HYPERPARAMETERS,
     STOP_REASON,
     TEST_PREFIX,
@@ -90,9 +91,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row.update({f"param {k}": v for k, v in trial.params.items()})
         row.update({f"final {k}": v for k, v in trial.user_attrs.get(HYPERPARAMETERS, {}).items()})
         row.update({k: v for k, v in trial.user_attrs.items() if k.startswith(TEST_PREFIX)})
-        reason = trial_reason(trial)
-        if reason:
-            row["note"] = reason
+        notes = [f"finishing run of trial {trial.user_attrs[FINISH]['of']}"] if FINISH in trial.user_attrs else []
+        notes += [reason] if (reason := trial_reason(trial)) else []
+        if notes:
+            row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows)
 

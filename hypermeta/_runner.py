@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import runpy
 import signal
 import sys
@@ -19,12 +20,14 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hypermeta import _storage
+from hypermeta._engine import evaluation_cadence
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._hyperparameters import within_bounds
 from hypermeta._records import (
     EVALUATIONS_FILE,
     FAIL_REASON,
+    FINISH,
     HYPERPARAMETERS,
     LAYERS,
     REJECTED_STEPS,
@@ -63,6 +66,7 @@ class RunOptions:
     quiet: bool = False
     warm_start: str | None = None
     warm_storage: str | None = None
+    finish: float | None = None  # seconds of a finishing run of the best trial after the search
 
 
 def load_study_file(path: str | Path) -> Study:
@@ -84,7 +88,8 @@ def load_study_file(path: str | Path) -> Study:
 
 
 def run_study(study: Study, options: RunOptions) -> optuna.Study:
-    """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials.
+    """Run ``study`` until its storage holds ``n_trials`` finished (complete or pruned) trials, then
+    (``finish``) one finishing run of the best trial's choices for that many seconds.
 
     Every input is checked before anything is written. Raises :class:`~hypermeta._errors.RunError`
     when none of the trials this run started finished, when the artifact store cannot be written,
@@ -96,6 +101,8 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     if options.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
     setup = _check_build(study)
+    if options.finish and isinstance(setup, EpisodicSetup):
+        raise UsageError(f"--finish: study {study.name!r} is episodic and learns its inner rates; drop --finish")
     warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
     if warm is not None:
         _check_warm_start(setup, warm)
@@ -119,17 +126,40 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     if created:
         _warn_if_artifacts_lost(stored, directory)
     target = options.n_trials or study.n_trials
-    if target - _count_finished(stored) <= 0:
-        return stored
-    progress = _Progress(target - _count_finished(stored), quiet=options.quiet)
-    objective = TrialRunner(
-        study, seed=options.seed, device=options.device, store=store, progress=progress,
-        start=warm["values"] if warm else None, target=target,
-    )
-    with progress:
-        _optimize(stored, objective, target=target, timeout=options.timeout)
-    objective.raise_if_nothing_finished()
+    if target - _count_finished(stored) > 0:
+        progress = _Progress(target - _count_finished(stored), quiet=options.quiet)
+        objective = TrialRunner(
+            study, seed=options.seed, device=options.device, store=store, progress=progress,
+            start=warm["values"] if warm else None, target=target,
+        )
+        with progress:
+            _optimize(stored, objective, target=target, timeout=options.timeout)
+        objective.raise_if_nothing_finished()
+    if options.finish:
+        _run_finish(stored, study, options, store)
     return stored
+
+
+def _run_finish(stored: optuna.Study, study: Study, options: RunOptions, store) -> None:
+    """One finishing run of the best trial's choices, from the values it learned, for ``options.finish`` seconds."""
+    if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise RunError(
+            f"--finish: no trial of study {study.name!r} completed, so there is no best trial to finish;"
+            f" see `hypermeta trials {study.name}`"
+        )
+    best = stored.best_trial
+    enqueue_finish(stored, best, online=True, seconds=options.finish)
+    progress, ran = _Progress(1, quiet=options.quiet), []
+    objective = TrialRunner(study, seed=options.seed, device=options.device, store=store, progress=progress)
+    with progress:
+        stored.optimize(objective, n_trials=1, catch=(Exception,),
+                        callbacks=[progress.end_trial, lambda _, trial: ran.append(trial)])
+    objective.raise_if_nothing_finished()
+    if ran and ran[0].state != TrialState.COMPLETE:
+        raise RunError(
+            f"the finishing run of trial {best.number} (trial {ran[0].number}) did not complete:"
+            f" {ran[0].user_attrs.get(STOP_REASON) or ran[0].user_attrs.get(FAIL_REASON, 'unknown')}"
+        )
 
 
 def _optimize(stored: optuna.Study, objective: TrialRunner, *, target: int, timeout: float | None) -> None:
@@ -203,6 +233,20 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.sampler.reseed_rng()
+
+
+def enqueue_finish(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, *, online: bool, steps: int | None = None,
+    seconds: float | None = None,
+) -> None:
+    """Queue a finishing run of ``trial``'s choices: ``steps`` steps, or until ``seconds`` have passed.
+
+    An ``online`` run starts from the values ``trial`` learned and adapts them on; a black-box one
+    runs at ``trial``'s values, fixed. The runner that takes it never prunes it.
+    """
+    start = dict(trial.user_attrs[HYPERPARAMETERS]) if online else None
+    finish = {"of": trial.number, "steps": steps, "seconds": seconds, "start": start}
+    study.enqueue_trial(trial.params, user_attrs={FINISH: finish})
 
 
 def warm_start(study_name: str, storage: str | None) -> dict:
@@ -299,6 +343,9 @@ def _check_warm_start(setup: Setup | EpisodicSetup, warm: dict) -> None:
             )
 
 
+UNTIL_THE_DEADLINE = 10**9  # the steps of a run that a deadline ends
+
+
 class TrialRunner:
     """The Optuna objective: one engine run per trial.
 
@@ -309,6 +356,7 @@ class TrialRunner:
     same moment created beyond it ends FAIL without training, and its worker stops.
     ``deadline`` (a ``time.perf_counter()`` time): a trial still training then is pruned at its
     next evaluation (``hypermeta compare`` ends an arm's last trial where its budget of seconds ends).
+    A trial queued by :func:`enqueue_finish` is a finishing run, whichever runner takes it.
     """
 
     def __init__(
@@ -369,7 +417,8 @@ class TrialRunner:
             )
 
     def _run(self, trial: optuna.Trial) -> float:
-        if self.target is not None and _taken_before(trial) >= self.target:
+        finish = trial.user_attrs.get(FINISH)
+        if self.target is not None and finish is None and _taken_before(trial) >= self.target:
             trial.study.stop()
             reason = f"not run: {self.target} trials were already finished or running"
             trial.set_user_attr(STOP_REASON, reason)
@@ -379,16 +428,23 @@ class TrialRunner:
         setup = self.study.build(trial)
         if not isinstance(setup, Setup | EpisodicSetup):
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
-        setup, initial_values = resolve(setup, trial, online=self.online, start=self.start)
-        self.progress.start_trial(setup.steps)
+        start = finish["start"] if finish is not None else self.start
+        setup, initial_values = resolve(setup, trial, online=self.online, start=start)
+        deadline = self.deadline
+        if finish is not None:  # as long as it says, at the set-up's own cadence; never pruned
+            cadence = evaluation_cadence(setup.steps, setup.hypergradient, setup.eval_every)
+            setup = dataclasses.replace(setup, steps=finish["steps"] or UNTIL_THE_DEADLINE, eval_every=cadence)
+            deadline = time.perf_counter() + finish["seconds"] if finish["seconds"] else None
+        self.progress.start_trial(setup.steps if setup.steps < UNTIL_THE_DEADLINE else None)
         started = time.perf_counter()
         result = setup.train(
             initial_values=initial_values, seed=seed, device=self.device, on_steps=self.progress.steps,
-            on_evaluation=lambda step, metrics: self._report(trial, step, metrics, setup.steps),
+            on_evaluation=lambda step, metrics: self._report(
+                trial, step, metrics, setup.steps, deadline=deadline, prune=finish is None),
         )
         trial.set_user_attr(SECONDS, time.perf_counter() - started)
         self._store(trial, result)
-        if result.status != "completed":
+        if result.status != "completed" and not (finish is not None and result.status == "stopped"):
             self.finished += 1
             reason = f"pruned at step {result.steps}" if result.status == "stopped" else result.reason
             trial.set_user_attr(STOP_REASON, reason)
@@ -397,11 +453,14 @@ class TrialRunner:
             trial.set_user_attr(f"{TEST_PREFIX}{name}", value)
         return float(result.evaluations[self.study.metric].iloc[-1])
 
-    def _report(self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int) -> bool:
+    def _report(
+        self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int, *, deadline: float | None,
+        prune: bool,
+    ) -> bool:
         trial.report(metrics[self.study.metric], step)
         if step >= steps:  # a run that has finished is complete, not pruned
             return False
-        return trial.should_prune() or (self.deadline is not None and time.perf_counter() >= self.deadline)
+        return (prune and trial.should_prune()) or (deadline is not None and time.perf_counter() >= deadline)
 
     def _store(self, trial: optuna.Trial, result) -> None:
         trial.set_user_attr(HYPERPARAMETERS, result.hyperparameters)

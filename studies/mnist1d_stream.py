@@ -13,7 +13,9 @@ convolution: its running statistics are carried through the unrolled windows and
 Optuna chooses the width and the initial per-layer learning rates and weight decays, from the wide
 ranges a user writes before knowing the answer (learning rate 1e-4..1e-1, weight decay
 1e-7..1e-2); hypergradients (horizon 20) move them during each run of 1,500 Adam steps (about two
-epochs).
+epochs). Under a time budget, most of it is best spent on one long run of the best trial's choices:
+
+    hypermeta compare studies/mnist1d_stream.py --budget-seconds 120 --finish 0.75
 """
 
 import torch
@@ -44,11 +46,9 @@ def build(trial):
         optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=(1e-4, 1e-1), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2), scope="per_group"),
-        # a hyper-step on every window, every one kept, anywhere in the ranges, as this study was
-        # measured (confirmation slowed the short trials of the MNIST-1D study, docs/estimators.md)
-        hypergradient=hypermeta.Hypergradient(
-            horizon=20, meta_lr=(0.005, 0.05), valid_batches=2, every=1, confirm=False, span=None
-        ),
+        # the default hyper-step cadence, confirmation and span: cheap in the search's short trials,
+        # and made for the long finishing run (`hypermeta compare --finish`, docs/benchmarks.md)
+        hypergradient=hypermeta.Hypergradient(horizon=20, meta_lr=(0.005, 0.05), valid_batches=2),
     )
 
 

@@ -110,6 +110,39 @@ def test_run_stores_complete_trials_with_values_and_test_metrics(runs):
     assert "best trial" in runs["steps"][-1]["out"] and "3 complete" in runs["steps"][-1]["out"]
 
 
+def test_finish_trains_the_best_trials_choices_from_its_learned_values_as_one_more_trial(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = cli("run", tmp_path / "tiny.py", "--n-trials", 2, "--finish", 0.5, "--storage", url, "--quiet")
+    assert (code, err) == (0, ""), err
+    assert "3 complete" in out
+    study = optuna.load_study(study_name="tiny", storage=url)
+    *searched, finishing = study.get_trials()
+    best = min(searched, key=lambda trial: trial.value)
+    assert finishing.user_attrs["finish"] == {
+        "of": best.number, "steps": None, "seconds": 0.5, "start": best.user_attrs["hyperparameters"]
+    }
+    assert finishing.state == TrialState.COMPLETE and finishing.params == best.params
+    assert finishing.user_attrs["steps"] >= 10 and math.isfinite(finishing.value)  # it ran until its seconds passed
+    code, out, _ = cli("trials", "tiny", "--storage", url)
+    assert code == 0 and f"finishing run of trial {best.number}" in out
+    # a study that holds its trials already: --finish alone trains its best (the finishing run, maybe) once more
+    best_now = study.best_trial.number
+    code, out, err = cli("run", tmp_path / "tiny.py", "--n-trials", 2, "--finish", 0.2, "--storage", url, "--quiet")
+    assert (code, err) == (0, "") and "4 complete" in out
+    assert study.get_trials()[-1].user_attrs["finish"]["of"] == best_now
+
+
+def test_finish_without_a_completed_trial_is_a_one_line_error_and_keeps_the_trials(tmp_path):
+    # a pruner that prunes every trial at its first evaluation
+    (tmp_path / "wild.py").write_text(study_text(extra=", pruner=optuna.pruners.ThresholdPruner(upper=0.0)"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    code, out, err = cli("run", tmp_path / "wild.py", "--n-trials", 1, "--finish", 1, "--storage", url, "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "--finish: no trial of study 'tiny' completed" in err and "hypermeta trials tiny" in err
+    assert [t.state for t in optuna.load_study(study_name="tiny", storage=url).get_trials()] == [TrialState.PRUNED]
+
+
 def test_threads_sets_pytorch_s_cpu_threads(tmp_path):
     (tmp_path / "tiny.py").write_text(study_text())
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -326,6 +359,8 @@ def test_existing_study_with_another_direction_is_left_alone(bad_files, existing
         (["--seed", str(2**32)], ["--seed", "2**32 - 1"]),
         (["--device", "tpu"], ["--device", "'tpu'", "cuda"]),
         (["--threads", "0"], ["--threads", "integer >= 1", "'0'"]),
+        (["--finish", "0"], ["--finish", "number > 0", "'0'"]),
+        (["--finish", "long"], ["--finish", "'long'"]),
         (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
     ],
 )

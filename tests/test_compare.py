@@ -12,6 +12,7 @@ import torch
 import hypermeta
 from hypermeta import _cli, _compare, _runner
 from hypermeta._compare import ARMS
+from hypermeta._errors import UsageError
 from hypermeta._private.files import MARKER
 
 STUDY = '''
@@ -155,6 +156,10 @@ def test_compare_help_names_every_arm(capsys):
         [],
         ["--budget-steps", "0"],
         ["--seeds", "0", "--budget-steps", "5"],
+        ["--budget-steps", "40", "--finish", "1"],
+        ["--budget-steps", "40", "--finish", "0"],
+        ["--budget-steps", "40", "--finish", "nan"],
+        ["--budget-steps", "40", "--finish", "most"],
     ],
 )
 def test_bad_budgets_are_one_line_errors(tmp_path, capsys, arguments):
@@ -268,3 +273,88 @@ def test_long_run_floor_keeps_every_adaptive_rate_above_its_fraction_of_the_star
     assert len(finals) == 4  # 2 layers x 2 segments
     assert all(value >= 0.9 * start * (1 - 1e-6) for value in finals.values())
     assert any(not math.isclose(value, start) for value in finals.values())  # the rates did move
+
+
+@pytest.mark.parametrize("finish", [0.0, 1.0, -0.5, math.nan])
+def test_a_finish_outside_0_to_1_is_a_usage_error(finish):
+    with pytest.raises(UsageError, match="--finish must be a fraction between 0 and 1"):
+        _compare.Budget(steps=100, finish=finish)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("finish")
+    (directory / "tiny.py").write_text(STUDY)
+    out = directory / "out"
+    arguments = ["--budget-steps", str(2 * BUDGET), "--seeds", "1", "--finish", "0.5", "--out", str(out)]
+    assert _cli.main(["compare", str(directory / "tiny.py"), *arguments]) == 0
+    return pd.read_csv(out / "trials.csv"), (out / "README.md").read_text()
+
+
+def test_with_a_finish_each_search_arm_ends_with_one_run_of_its_best_trials_choices_for_the_rest(finished):
+    trials, table = finished
+    assert "spent the last 0.5 of its budget on one finishing run" in table
+    for arm, frame in trials.groupby("arm"):
+        if arm == "defaults":
+            assert len(frame) == 1 and frame["steps"].sum() == 2 * BUDGET
+            continue
+        searched, finish = frame.iloc[:-1], frame.iloc[-1]
+        assert not searched["finish"].any() and finish["finish"], arm
+        # the search stops once it has spent its half; the finishing run gets the rest, unpruned
+        assert searched["steps"].sum() >= BUDGET and searched["steps"].iloc[:-1].sum() < BUDGET, arm
+        assert finish["state"] == "COMPLETE" and finish["steps"] == 2 * BUDGET - searched["steps"].sum(), arm
+        best = searched.loc[searched["value"].idxmin()]
+        params = {c for c in frame.columns if c.startswith("param ") and pd.notna(finish[c])}
+        assert all(finish[c] == pytest.approx(best[c]) for c in params), arm
+        # hypermeta's run starts from the values its best trial learned, so it draws no initial values
+        expected = {"param width", "param meta_lr"} if arm == "hypermeta" else {
+            c for c in frame.columns if c.startswith("param ") and pd.notna(best[c])}
+        assert params == expected and len(expected) >= 2, arm
+        assert frame["within_budget"].all()
+
+
+def _frozen_study(tmp_path) -> hypermeta.Study:
+    """The tiny study with a meta learning rate of 0: a run's values stay where it started them."""
+    study_file = tmp_path / "frozen.py"
+    study_file.write_text(STUDY.replace("meta_lr=(0.05, 0.3)", "meta_lr=0.0"))
+    return _runner.load_study_file(study_file)
+
+
+def _searched_trial(user_attrs: dict | None = None) -> optuna.trial.FrozenTrial:
+    """A finished trial of the tiny study that chose width 16."""
+    return optuna.trial.create_trial(
+        params={"width": 16}, distributions={"width": optuna.distributions.IntDistribution(8, 32, log=True)},
+        value=1.0, user_attrs=user_attrs or {},
+    )
+
+
+def test_hypermetas_finishing_run_starts_from_the_values_its_trial_learned_and_is_never_pruned(tmp_path):
+    study = _frozen_study(tmp_path)
+    learned = {"lr/0/0": 0.03, "lr/0/1": 0.02, "lr/2/0": 0.05, "lr/2/1": 0.01, "weight_decay/all": 3e-4}
+    always = optuna.pruners.ThresholdPruner(lower=math.inf)  # would prune every trial at its first report
+    search = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=always)
+    _runner.enqueue_finish(search, _searched_trial({"hyperparameters": learned}), online=True, steps=70)
+    search.optimize(_runner.TrialRunner(study, seed=0, device="cpu"), n_trials=1, catch=(Exception,))
+    trial = search.trials[-1]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["steps"] == 70
+    assert trial.params == {"width": 16} and trial.user_attrs["hyperparameters"] == pytest.approx(learned)
+    assert sorted(trial.intermediate_values) == [10, 20, 30, 40, 50, 60, 70]  # the set-up's cadence (40 steps: 10)
+
+
+def test_a_finishing_run_of_seconds_ends_complete_at_its_first_evaluation_past_them(tmp_path):
+    study = _frozen_study(tmp_path)
+    search = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    _runner.enqueue_finish(search, _searched_trial(), online=False, seconds=1e-6)
+    search.optimize(_runner.TrialRunner(study, seed=0, device="cpu", online=False), n_trials=1, catch=(Exception,))
+    trial = search.trials[-1]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["steps"] == 10
+    assert math.isfinite(trial.value) and "test_accuracy" in trial.user_attrs
+
+
+def test_an_arm_without_a_completed_trial_says_it_ran_no_finishing_run(tmp_path):
+    study = _frozen_study(tmp_path)
+    messages = []
+    # the search's deadline passes before its first trial's first evaluation, which prunes it there
+    rows = _compare._search(study, "tpe", _compare.Budget(seconds=1e-3, finish=0.5), 0, "cpu", log=messages.append)
+    assert [row["state"] for row in rows] == ["PRUNED"] and not any(row["finish"] for row in rows)
+    assert messages == ["compare tiny-compare tpe seed 0: no trial completed before the finishing run; none was run"]
