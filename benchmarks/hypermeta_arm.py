@@ -23,7 +23,7 @@ import torch
 from hypermeta import _compare
 from hypermeta._compare import Budget
 from hypermeta._records import HYPERPARAMETERS
-from hypermeta._runner import TrialRunner, _check_build, load_study_file
+from hypermeta._runner import TrialRunner, check_build, load_study_file
 from hypermeta._study import geometric_middle
 
 
@@ -73,7 +73,7 @@ class LearnedStart(TrialRunner):
 
 def middle_params(study) -> dict[str, float]:
     """``lr_init`` and ``weight_decay_init`` at the middle of their ranges (a throw-away build)."""
-    setup = _check_build(study)
+    setup = check_build(study)
     params = {"lr_init": geometric_middle(*setup.learning_rate.init)}
     if setup.weight_decay is not None and isinstance(setup.weight_decay.init, tuple):
         params["weight_decay_init"] = geometric_middle(*setup.weight_decay.init)

@@ -16,7 +16,16 @@ import torch
 from hypermeta import _results, _storage
 from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._private.files import check_target, directory_name
-from hypermeta._runner import SAMPLERS, RunOptions, check_device, load_study_file, run_study, signals_end_trials
+from hypermeta._runner import (
+    SAMPLERS,
+    RunOptions,
+    check_build,
+    check_device,
+    check_finish,
+    load_study_file,
+    run_study,
+    signals_end_trials,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +53,13 @@ def _positive_float(text: str) -> float:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _finite_seconds(text: str) -> float:
+    value = _positive_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
     return value
 
 
@@ -85,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--warm-start", metavar="STUDY", help="start from the best trial of this stored study")
     run.add_argument("--warm-storage", metavar="URL", help="storage of the --warm-start study (default: --storage)")
     run.add_argument(
-        "--finish", type=_positive_float, metavar="SECONDS",
+        "--finish", type=_finite_seconds, metavar="SECONDS",
         help="then one finishing run of the best trial's choices for SECONDS, from the values it learned, adapting",
     )
 
@@ -206,6 +222,8 @@ def _compare(args) -> int:
     check_device(args.device)
     out = Path(args.out or Path("reports") / f"compare-{directory_name(study.name)}")
     check_target(out, study.name)  # before the arms run, not after
+    if budget.finish:
+        check_finish(check_build(study), study)
     trials = _compare_arms.run_arms(study, budget=budget, seeds=args.seeds, device=args.device)
     _compare_arms.write_report(study, trials, budget=budget, out=out)
     print((out / "README.md").read_text(), end="")

@@ -38,12 +38,19 @@ import torch
 from matplotlib.figure import Figure
 
 from hypermeta._engine import Hypergradient, TrainResult
-from hypermeta._engine import evaluation_cadence as engine_cadence
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
-from hypermeta._records import FAIL_REASON, FINISH
+from hypermeta._records import FAIL_REASON, FINISH, STOP_REASON
 from hypermeta._runner import UNTIL_THE_DEADLINE, TrialRunner, enqueue_finish
-from hypermeta._study import Setup, Study, hyperparameter_keys, resolve, spec_of, starting_value
+from hypermeta._study import (
+    Setup,
+    Study,
+    evaluation_cadence,
+    hyperparameter_keys,
+    resolve,
+    spec_of,
+    starting_value,
+)
 
 ARMS = ("hypermeta", "tpe", "random", "hyperband", "defaults")
 HYPERBAND_REDUCTION_FACTOR = 3
@@ -122,6 +129,10 @@ def _search(study: Study, arm: str, budget: Budget, seed: int, device: str, log=
         raise UsageError(f"every {arm} trial failed ({reason}); fix the study file")
     if budget.finish and _enqueue_finish(search, budget=budget, online=online, started=started, rows=rows, log=log):
         search.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[on_trial_end])
+        finishing = search.trials[-1]
+        if finishing.state != optuna.trial.TrialState.COMPLETE:
+            reason = finishing.user_attrs.get(STOP_REASON) or finishing.user_attrs.get(FAIL_REASON, "unknown")
+            log(f"{search.study_name}: the finishing run ended {finishing.state.name}: {reason.splitlines()[0]}")
     return rows
 
 
@@ -162,11 +173,6 @@ def _hyperband(study: Study) -> optuna.pruners.HyperbandPruner:
         min_resource=min(evaluation_cadence(setup), setup.steps), max_resource=setup.steps,
         reduction_factor=HYPERBAND_REDUCTION_FACTOR,
     )
-
-
-def evaluation_cadence(setup: Setup) -> int:
-    """Every how many steps ``setup`` is evaluated: its ``eval_every``, else the engine's default."""
-    return engine_cadence(setup.steps, setup.hypergradient, setup.eval_every)
 
 
 def _row(trial: optuna.trial.FrozenTrial, *, seconds: float) -> dict:
@@ -216,7 +222,7 @@ def long_run(
         on_result(result)
     return {
         "trial": 0, "state": "COMPLETE" if math.isfinite(value) else "FAIL", "value": value,
-        "steps": result.steps, "seconds": seconds,
+        "steps": result.steps, "seconds": seconds, "finish": False,
         **{f"test_{k}": v for k, v in test.items()},
         **{f"param {name}": v for name, v in {**defaults.params, **values}.items()},
         **{f"final {key}": v for key, v in result.hyperparameters.items()},
@@ -285,7 +291,7 @@ def budget_fraction_to_reach(counted: pd.DataFrame, *, seed: int, budget: Budget
         return math.nan
     target = tpe.min() if direction == "minimize" else tpe.max()
     reached = ours["value"] <= target if direction == "minimize" else ours["value"] >= target
-    return float(ours.loc[reached, axis].min() / budget.total) if reached.any() else math.inf
+    return min(float(ours.loc[reached, axis].min() / budget.total), 1.0) if reached.any() else math.inf
 
 
 def median_fraction_to_reach(counted: pd.DataFrame, summary: pd.DataFrame, *, budget: Budget, direction: str) -> float:
@@ -297,7 +303,8 @@ def median_fraction_to_reach(counted: pd.DataFrame, summary: pd.DataFrame, *, bu
         return math.nan
     x, median, _, _ = _median_best(ours, f"cum_{budget.unit}", direction)
     reached = median <= target if direction == "minimize" else median >= target
-    return float(x[reached].min() / budget.total) if reached.any() else math.inf
+    # a finishing run, as the defaults arm's run, ends a last evaluation past the budget: that is all of it
+    return min(float(x[reached].min() / budget.total), 1.0) if reached.any() else math.inf
 
 
 def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:

@@ -69,8 +69,8 @@ class Hypergradient:
             (by an evaluation or the run's end) settles the same fraction of its steps.
         meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
             Optuna to choose it from in each trial of a study (with Adam, the default 0.1 moves a
-            value by at most about 10% per hyper-step; the committed studies' short trials take
-            0.2 or more). Keep ``meta_lr / horizon`` fixed when changing the horizon to keep the
+            value by at most about 10% per hyper-step; the digits and MNIST-1D studies' short trials
+            take 0.2 or more). Keep ``meta_lr / horizon`` fixed when changing the horizon to keep the
             total movement the same.
         meta_optimizer: ``"adam"`` or ``"sgd"``.
         max_failures: consecutive rejected hyper-steps (NaN/inf) before the run stops.
@@ -108,7 +108,7 @@ class Hypergradient:
             slow rise of the weight decays over MNIST-1D runs of minutes (``benchmarks/long_run.py``,
             docs/benchmarks.md). In the
             short trials of a study it slowed adaptation on MNIST-1D (``benchmarks/hypermeta_arm.py``,
-            see docs/estimators.md), so the committed studies turn it off. A bare
+            see docs/estimators.md), so the digits and MNIST-1D studies turn it off. A bare
             :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
         span: how far hypergradients may move a value from where the run started it, as a
             factor either way (the default 3: from a third to three times its start), inside its
@@ -118,7 +118,7 @@ class Hypergradient:
             the top of its range, the accuracy a point behind; ``benchmarks/long_run.py``,
             docs/benchmarks.md). A start far from good wants a search (``hypermeta run``) or
             ``span=None``. In a study, each trial's span is around the values Optuna chose for
-            it; the committed studies pass ``None``, as they were measured.
+            it; the digits and MNIST-1D studies pass ``None``, as they were measured.
 
     Example:
         >>> import hypermeta

@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hypermeta import _storage
-from hypermeta._engine import evaluation_cadence
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._errors import RunError, Terminated, UsageError
 from hypermeta._hyperparameters import within_bounds
@@ -40,7 +39,15 @@ from hypermeta._records import (
     TRAJECTORY_FILE,
     describe_layers,
 )
-from hypermeta._study import Setup, Study, hyperparameter_keys, resolve, setup_problem, spec_of
+from hypermeta._study import (
+    Setup,
+    Study,
+    evaluation_cadence,
+    hyperparameter_keys,
+    resolve,
+    setup_problem,
+    spec_of,
+)
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -100,9 +107,9 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
     check_device(options.device)
     if options.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {options.sampler!r}; use one of {', '.join(sorted(SAMPLERS))}")
-    setup = _check_build(study)
-    if options.finish and isinstance(setup, EpisodicSetup):
-        raise UsageError(f"--finish: study {study.name!r} is episodic and learns its inner rates; drop --finish")
+    setup = check_build(study)
+    if options.finish:
+        check_finish(setup, study)
     warm = warm_start(options.warm_start, options.warm_storage or options.storage) if options.warm_start else None
     if warm is not None:
         _check_warm_start(setup, warm)
@@ -136,11 +143,11 @@ def run_study(study: Study, options: RunOptions) -> optuna.Study:
             _optimize(stored, objective, target=target, timeout=options.timeout)
         objective.raise_if_nothing_finished()
     if options.finish:
-        _run_finish(stored, study, options, store)
+        _run_finish(stored, study, setup, options, store)
     return stored
 
 
-def _run_finish(stored: optuna.Study, study: Study, options: RunOptions, store) -> None:
+def _run_finish(stored: optuna.Study, study: Study, setup: Setup, options: RunOptions, store) -> None:
     """One finishing run of the best trial's choices, from the values it learned, for ``options.finish`` seconds."""
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RunError(
@@ -148,6 +155,7 @@ def _run_finish(stored: optuna.Study, study: Study, options: RunOptions, store) 
             f" see `hypermeta trials {study.name}`"
         )
     best = stored.best_trial
+    _check_warm_start(setup, {"study": study.name, "values": best.user_attrs.get(HYPERPARAMETERS, {})}, "--finish")
     enqueue_finish(stored, best, online=True, seconds=options.finish)
     progress, ran = _Progress(1, quiet=options.quiet), []
     objective = TrialRunner(study, seed=options.seed, device=options.device, store=store, progress=progress)
@@ -155,7 +163,11 @@ def _run_finish(stored: optuna.Study, study: Study, options: RunOptions, store) 
         stored.optimize(objective, n_trials=1, catch=(Exception,),
                         callbacks=[progress.end_trial, lambda _, trial: ran.append(trial)])
     objective.raise_if_nothing_finished()
-    if ran and ran[0].state != TrialState.COMPLETE:
+    if not ran or FINISH not in ran[0].user_attrs:
+        raise RunError(
+            f"another worker took the finishing run of trial {best.number}; run --finish once the others are done"
+        )
+    if ran[0].state != TrialState.COMPLETE:
         raise RunError(
             f"the finishing run of trial {best.number} (trial {ran[0].number}) did not complete:"
             f" {ran[0].user_attrs.get(STOP_REASON) or ran[0].user_attrs.get(FAIL_REASON, 'unknown')}"
@@ -235,6 +247,15 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self.sampler.reseed_rng()
 
 
+def check_finish(setup: Setup | EpisodicSetup, study: Study, flag: str = "--finish") -> None:
+    """A finishing run sets the steps of hypermeta's own loop: an episodic set-up or a loop of yours has none."""
+    if isinstance(setup, EpisodicSetup):
+        raise UsageError(f"{flag}: study {study.name!r} is episodic and learns its inner rates; drop {flag}")
+    if setup.loop is not None:
+        raise UsageError(f"{flag}: study {study.name!r} trains with a loop of its own, whose steps a finishing run"
+                         f" cannot set; drop {flag}")
+
+
 def enqueue_finish(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, *, online: bool, steps: int | None = None,
     seconds: float | None = None,
@@ -244,6 +265,8 @@ def enqueue_finish(
     An ``online`` run starts from the values ``trial`` learned and adapts them on; a black-box one
     runs at ``trial``'s values, fixed. The runner that takes it never prunes it.
     """
+    if (steps is None) == (seconds is None):
+        raise ValueError("a finishing run takes steps or seconds, one of them")
     start = dict(trial.user_attrs[HYPERPARAMETERS]) if online else None
     finish = {"of": trial.number, "steps": steps, "seconds": seconds, "start": start}
     study.enqueue_trial(trial.params, user_attrs={FINISH: finish})
@@ -311,7 +334,7 @@ class TrialTakenOver(BaseException):
         self.number = number
 
 
-def _check_build(study: Study) -> Setup | EpisodicSetup:
+def check_build(study: Study) -> Setup | EpisodicSetup:
     """Build one throw-away trial in memory, so a broken build function writes nothing anywhere."""
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     try:
@@ -329,17 +352,17 @@ def _check_build(study: Study) -> Setup | EpisodicSetup:
     return setup
 
 
-def _check_warm_start(setup: Setup | EpisodicSetup, warm: dict) -> None:
-    """Every warm-start value this set-up takes must lie where its hypergradients may move it."""
+def _check_warm_start(setup: Setup | EpisodicSetup, warm: dict, flag: str = "--warm-start") -> None:
+    """Every value this set-up is to start from must lie where its hypergradients may move it."""
     if isinstance(setup, EpisodicSetup):
-        raise UsageError(f"--warm-start {warm['study']!r}: an episodic study learns its inner rates; drop --warm-start")
+        raise UsageError(f"{flag} {warm['study']!r}: an episodic study learns its inner rates; drop {flag}")
     keys = hyperparameter_keys(setup)
     for key, value in warm["values"].items():
         bounds = spec_of(setup, key).bounds if key in keys else None
         if bounds and not within_bounds(value, bounds):
             raise UsageError(
-                f"--warm-start {warm['study']!r}: its {key} = {value:.3g} lies outside this study's range "
-                f"({bounds[0]:g}, {bounds[1]:g}); widen the range (or its bounds) to include it, or drop --warm-start"
+                f"{flag} {warm['study']!r}: its {key} = {value:.3g} lies outside this study's range "
+                f"({bounds[0]:g}, {bounds[1]:g}); widen the range (or its bounds) to include it, or drop {flag}"
             )
 
 
@@ -432,9 +455,10 @@ class TrialRunner:
         setup, initial_values = resolve(setup, trial, online=self.online, start=start)
         deadline = self.deadline
         if finish is not None:  # as long as it says, at the set-up's own cadence; never pruned
-            cadence = evaluation_cadence(setup.steps, setup.hypergradient, setup.eval_every)
-            setup = dataclasses.replace(setup, steps=finish["steps"] or UNTIL_THE_DEADLINE, eval_every=cadence)
-            deadline = time.perf_counter() + finish["seconds"] if finish["seconds"] else None
+            cadence = evaluation_cadence(setup)
+            steps = UNTIL_THE_DEADLINE if finish["steps"] is None else finish["steps"]
+            setup = dataclasses.replace(setup, steps=steps, eval_every=cadence)
+            deadline = None if finish["seconds"] is None else time.perf_counter() + finish["seconds"]
         self.progress.start_trial(setup.steps if setup.steps < UNTIL_THE_DEADLINE else None)
         started = time.perf_counter()
         result = setup.train(

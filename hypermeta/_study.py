@@ -23,6 +23,7 @@ from hypermeta._engine import (
     train,
     train_loop,
 )
+from hypermeta._engine import evaluation_cadence as engine_cadence
 from hypermeta._episodic import EpisodicSetup
 from hypermeta._hyperparameters import LearningRate, WeightDecay
 from hypermeta._metrics import Metric, evaluate, fit_problem
@@ -288,6 +289,11 @@ def _suggest_online(setup: Setup, trial: optuna.Trial, *, skip: set[str]) -> Set
         weight_decay=choose(setup.weight_decay, "weight_decay_init"),
         hypergradient=hypergradient,
     )
+
+
+def evaluation_cadence(setup: Setup) -> int:
+    """Every how many steps ``setup`` is evaluated: its ``eval_every``, else the engine's default."""
+    return engine_cadence(setup.steps, setup.hypergradient, setup.eval_every)
 
 
 def starting_value(spec: LearningRate | WeightDecay) -> float:

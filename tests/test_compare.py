@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import runpy
 import shutil
@@ -358,3 +359,27 @@ def test_an_arm_without_a_completed_trial_says_it_ran_no_finishing_run(tmp_path)
     rows = _compare._search(study, "tpe", _compare.Budget(seconds=1e-3, finish=0.5), 0, "cpu", log=messages.append)
     assert [row["state"] for row in rows] == ["PRUNED"] and not any(row["finish"] for row in rows)
     assert messages == ["compare tiny-compare tpe seed 0: no trial completed before the finishing run; none was run"]
+
+
+def test_a_finishing_run_counts_within_the_budget_though_its_last_evaluation_ends_past_it():
+    trials = pd.DataFrame({
+        "arm": ["tpe", "tpe", "tpe", "defaults"], "finish": [False, True, False, None],
+        "cum_seconds": [30.0, 120.4, 121.0, 120.3],
+    })
+    assert _compare.within_budget(trials, _compare.Budget(seconds=120, finish=0.75)).tolist() == [
+        True, True, False, True]
+
+
+def test_finish_with_a_training_loop_of_the_users_own_is_a_usage_error(tmp_path):
+    study = _frozen_study(tmp_path)
+    setup = study.build(optuna.trial.FixedTrial({"width": 8, "lr_init": 0.1, "weight_decay_init": 1e-3}))
+    _runner.check_finish(setup, study)  # hypermeta's own loop: fine
+    with pytest.raises(UsageError, match="trains with a loop of its own, whose steps a finishing run cannot set"):
+        _runner.check_finish(dataclasses.replace(setup, loop=lambda hyper, report: None), study)
+
+
+def test_a_finishing_run_takes_steps_or_seconds():
+    search = optuna.create_study()
+    for limits in ({}, {"steps": 10, "seconds": 1.0}):
+        with pytest.raises(ValueError, match="steps or seconds, one of them"):
+            _runner.enqueue_finish(search, _searched_trial(), online=False, **limits)

@@ -80,3 +80,11 @@ def test_a_metric_the_tasks_cannot_give_is_a_usage_error(tmp_path, metric):
     study_file = write_study(tmp_path / "fewshot.py", metric=metric)
     code, _, err = cli("run", study_file, "--storage", f"sqlite:///{tmp_path / 'studies.db'}", "--quiet")
     assert code == 2 and "metric" in err
+
+
+def test_finish_on_an_episodic_study_is_a_one_line_error_that_writes_nothing(tmp_path):
+    study_file = write_study(tmp_path / "fewshot.py")
+    code, out, err = cli("run", study_file, "--finish", 5, "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--finish: study 'tiny-fewshot' is episodic" in err and "drop --finish" in err
+    assert not (tmp_path / "x.db").exists()
