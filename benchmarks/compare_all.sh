@@ -22,9 +22,15 @@ streamed() {  # the study of data streamed from disk (made once under .hypermeta
   hypermeta compare studies/mnist1d_stream.py --budget-seconds 120 --seeds 3 --threads 1 --finish 0.75 \
     --out reports/compare-mnist1d-stream-seconds
 }
+finishing() {  # the three other studies with finishing runs (not their headline tables); one core each half
+  hypermeta compare studies/digits_mlp.py --budget-seconds 20 --seeds 3 --threads 1 --finish 0.75 --out reports/compare-digits-mlp-seconds-finish
+  hypermeta compare studies/digits_highdim.py --budget-seconds 30 --seeds 3 --threads 1 --finish 0.75 --out reports/compare-digits-highdim-seconds-finish
+  hypermeta compare studies/mnist1d_cnn.py --budget-seconds 180 --seeds 3 --threads 1 --finish 0.75 --out reports/compare-mnist1d-cnn-seconds-finish
+}
 case "${1:-all}" in
   first) first_half ;;
   second) second_half ;;
   stream) streamed ;;
-  *) first_half; second_half; streamed ;;
+  finish) finishing ;;
+  *) first_half; second_half; streamed; finishing ;;
 esac
