@@ -13,7 +13,8 @@ convolution: its running statistics are carried through the unrolled windows and
 Optuna chooses the width and the initial per-layer learning rates and weight decays, from the wide
 ranges a user writes before knowing the answer (learning rate 1e-4..1e-1, weight decay
 1e-7..1e-2); hypergradients (horizon 20) move them during each run of 1,500 Adam steps (about two
-epochs). Under a time budget, most of it is best spent on one long run of the best trial's choices:
+epochs). It is compared with one long finishing run of the best trial's choices for the last three
+quarters of the budget (docs/benchmarks.md):
 
     hypermeta compare studies/mnist1d_stream.py --budget-seconds 120 --finish 0.75
 """
