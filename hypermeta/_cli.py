@@ -46,11 +46,16 @@ def _seed(text: str) -> int:
     return int(text)
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (which fails every range check) if it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = -1.0
+        return math.nan
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
@@ -64,10 +69,7 @@ def _finite_seconds(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, such as 0.75, got {text!r}")
     return value

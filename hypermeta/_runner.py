@@ -247,13 +247,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self.sampler.reseed_rng()
 
 
-def check_finish(setup: Setup | EpisodicSetup, study: Study, flag: str = "--finish") -> None:
+def check_finish(setup: Setup | EpisodicSetup, study: Study) -> None:
     """A finishing run sets the steps of hypermeta's own loop: an episodic set-up or a loop of yours has none."""
     if isinstance(setup, EpisodicSetup):
-        raise UsageError(f"{flag}: study {study.name!r} is episodic and learns its inner rates; drop {flag}")
+        raise UsageError(f"--finish: study {study.name!r} is episodic and learns its inner rates; drop --finish")
     if setup.loop is not None:
-        raise UsageError(f"{flag}: study {study.name!r} trains with a loop of its own, whose steps a finishing run"
-                         f" cannot set; drop {flag}")
+        raise UsageError(f"--finish: study {study.name!r} trains with a loop of its own, whose steps a finishing run"
+                         " cannot set; drop --finish")
 
 
 def enqueue_finish(
