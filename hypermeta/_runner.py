@@ -376,7 +376,8 @@ class TrialRunner:
     differentiable hyperparameter is an ordinary parameter (see :func:`hypermeta._study.resolve`).
     Without ``store`` no trajectories are kept. ``start``: warm-start values (see ``resolve``).
     ``target``: the finished trials the study should hold; a trial that workers starting at the
-    same moment created beyond it ends FAIL without training, and its worker stops.
+    same moment created beyond it ends FAIL without training (or at its first evaluation, where
+    the check at its start could not yet see the other worker's trial), and its worker stops.
     ``deadline`` (a ``time.perf_counter()`` time): a trial still training then is pruned at its
     next evaluation (``hypermeta compare`` ends an arm's last trial where its budget of seconds ends).
     A trial queued by :func:`enqueue_finish` is a finishing run, whichever runner takes it.
@@ -390,6 +391,7 @@ class TrialRunner:
         self.progress = progress or _Progress(0, quiet=True)
         self.start, self.target, self.deadline = start, target, deadline
         self.finished, self.failures, self.fatal = 0, [], None
+        self._rechecked = None  # the trial whose first evaluation checked it was not surplus
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -441,11 +443,8 @@ class TrialRunner:
 
     def _run(self, trial: optuna.Trial) -> float:
         finish = trial.user_attrs.get(FINISH)
-        if self.target is not None and finish is None and _taken_before(trial) >= self.target:
-            trial.study.stop()
-            reason = f"not run: {self.target} trials were already finished or running"
-            trial.set_user_attr(STOP_REASON, reason)
-            raise SurplusTrial(reason)
+        if finish is None:
+            self._drop_if_surplus(trial, "not run")
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
@@ -477,10 +476,26 @@ class TrialRunner:
             trial.set_user_attr(f"{TEST_PREFIX}{name}", value)
         return float(result.evaluations[self.study.metric].iloc[-1])
 
+    def _drop_if_surplus(self, trial: optuna.Trial, what: str) -> None:
+        """End ``trial`` if ``target`` trials started before it.
+
+        Checked as it starts and again at its first evaluation: a trial another worker created at
+        the same moment may have started first (``datetime_start`` is taken before the insert) but
+        reached the storage only after this trial's first check.
+        """
+        if self.target is not None and _taken_before(trial) >= self.target:
+            trial.study.stop()
+            reason = f"{what}: {self.target} trials were already finished or running"
+            trial.set_user_attr(STOP_REASON, reason)
+            raise SurplusTrial(reason)
+
     def _report(
         self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int, *, deadline: float | None,
         prune: bool,
     ) -> bool:
+        if prune and self._rechecked != trial.number:
+            self._rechecked = trial.number
+            self._drop_if_surplus(trial, f"stopped at step {step}")
         trial.report(metrics[self.study.metric], step)
         if step >= steps:  # a run that has finished is complete, not pruned
             return False

@@ -259,8 +259,13 @@ def _retrying(name: str):
     return retrying
 
 
+# Optuna's _CachedStorage, in front of every RDBStorage a study uses, calls these private methods
+# instead of the public ones: reading a study's trials mid-trial during an outage failed the trial.
+_CALLED_BY_THE_CACHE = ("_get_trials", "_get_best_trial_id", "_create_new_trial", "_set_trial_param")
+
 for _name in dir(optuna.storages.RDBStorage):  # every public method may query the database
-    if not _name.startswith("_") and callable(getattr(optuna.storages.RDBStorage, _name)):
+    public = not _name.startswith("_") or _name in _CALLED_BY_THE_CACHE
+    if public and callable(getattr(optuna.storages.RDBStorage, _name)):
         if _name not in _PatientRDBStorage.__dict__:
             setattr(_PatientRDBStorage, _name, _retrying(_name))
 

@@ -1,6 +1,7 @@
 """The Optuna runner: study files, one real (tiny) training per trial, real SQLite storages."""
 
 import math
+import re
 import shutil
 import threading
 from datetime import datetime, timedelta
@@ -156,6 +157,33 @@ def test_a_trial_beyond_the_target_is_not_run_when_another_worker_has_the_last_o
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL]
     assert trials[2].user_attrs == {"stop_reason": "not run: 2 trials were already finished or running"}
     assert trials[1].number == other_worker.number
+
+
+def test_a_trial_whose_check_missed_another_workers_earlier_trial_is_dropped_at_its_first_evaluation(
+        tmp_path, digits):
+    """The race behind two workers starting together: the other worker's trial started first (its
+    ``datetime_start`` is earlier) but reached the storage after this trial's check at its start."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    inner, calls = _builder(digits), iter(range(10**6))
+
+    def build(trial):  # calls: a check and trial 0, then the second run's check and its trial 1
+        if next(calls) == 3:
+            storage = optuna.storages.RDBStorage(url)
+            earlier = optuna.trial.FrozenTrial(
+                number=0, trial_id=0, state=TrialState.RUNNING, value=None, params={}, distributions={},
+                datetime_start=trial.datetime_start - timedelta(seconds=1), datetime_complete=None,
+                user_attrs={}, system_attrs={}, intermediate_values={},
+            )
+            storage.create_new_trial(storage.get_study_id_from_name("race"), template_trial=earlier)
+        return inner(trial)
+
+    study = hypermeta.Study(name="race", build=build, pruner=optuna.pruners.NopPruner())
+    run_study(study, _options(tmp_path, n_trials=1))
+    trials = run_study(study, _options(tmp_path, n_trials=2)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+    reason = trials[1].user_attrs["stop_reason"]
+    assert re.fullmatch(r"stopped at step (\d+): 2 trials were already finished or running", reason)
+    assert int(reason.split()[3].rstrip(":")) < STEPS  # at its first evaluation, not its end
 
 
 def _exploding_second_trial(data, *, lr: float, meta_lr: float):

@@ -53,15 +53,17 @@ def _start(study_file: Path, url: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_running_trial(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for_running_trial(url: str, *processes: subprocess.Popen, running: int = 1, timeout: float = 60) -> None:
+    """Until ``running`` trials are RUNNING at once (with one per worker, every worker is past opening the storage)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
+        for process in processes:
+            assert process.poll() is None, process.communicate()
         try:
             trials = optuna.load_study(study_name="workers", storage=url).trials
         except KeyError:
             trials = []
-        if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+        if sum(t.state == optuna.trial.TrialState.RUNNING for t in trials) >= running:
             time.sleep(0.5)  # well inside the trial's training
             return
         time.sleep(0.2)
@@ -150,7 +152,8 @@ def _check_exactly_finished(url: str, artifacts: Path, n_trials: int) -> None:
     assert len(set(drawn)) == len(drawn), "workers drew the same trial"  # only a re-run repeats one
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     others = [t for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert all(t.user_attrs["stop_reason"].startswith("not run:") for t in others)  # surplus, nothing trained
+    surplus = ("not run:", "stopped at step")  # surplus: nothing trained, or dropped at its first evaluation
+    assert all(t.user_attrs["stop_reason"].startswith(surplus) for t in others)
     store = FileSystemArtifactStore(str(artifacts))
     for file_name in (_runner.TRAJECTORY_FILE, _runner.EVALUATIONS_FILE):
         frames = trial_artifacts(study, store, file_name, trials=finished)
@@ -201,10 +204,11 @@ def test_a_paused_worker_whose_trial_was_failed_meanwhile_goes_on_with_the_next(
 
 
 def test_workers_survive_a_postgresql_restart(postgres_server, postgres_url, tmp_path):
-    study_file, _ = _setup(tmp_path, steps=100)
+    study_file, _ = _setup(tmp_path, steps=300)
     processes = [_start(study_file, postgres_url, "--artifacts", str(tmp_path / "artifacts"), "--n-trials", "4")
                  for _ in range(2)]
-    _wait_for_running_trial(postgres_url, processes[0])
+    # both workers in a trial: one still opening the storage when it goes away fails at once, as it should
+    _wait_for_running_trial(postgres_url, *processes, running=2)
     postgres_server.stop()
     time.sleep(3)
     postgres_server.start()
