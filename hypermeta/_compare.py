@@ -291,7 +291,7 @@ def budget_fraction_to_reach(counted: pd.DataFrame, *, seed: int, budget: Budget
         return math.nan
     target = tpe.min() if direction == "minimize" else tpe.max()
     reached = ours["value"] <= target if direction == "minimize" else ours["value"] >= target
-    return min(float(ours.loc[reached, axis].min() / budget.total), 1.0) if reached.any() else math.inf
+    return _first_fraction(ours.loc[reached, axis], budget)
 
 
 def median_fraction_to_reach(counted: pd.DataFrame, summary: pd.DataFrame, *, budget: Budget, direction: str) -> float:
@@ -303,8 +303,13 @@ def median_fraction_to_reach(counted: pd.DataFrame, summary: pd.DataFrame, *, bu
         return math.nan
     x, median, _, _ = _median_best(ours, f"cum_{budget.unit}", direction)
     reached = median <= target if direction == "minimize" else median >= target
-    # a finishing run, as the defaults arm's run, ends a last evaluation past the budget: that is all of it
-    return min(float(x[reached].min() / budget.total), 1.0) if reached.any() else math.inf
+    return _first_fraction(x[reached], budget)
+
+
+def _first_fraction(reached_at, budget: Budget) -> float:
+    """The fraction of the budget at the first of ``reached_at`` (``inf``: none). A finishing run, as
+    the defaults arm's run, ends with an evaluation just past the budget: that is all of it."""
+    return min(float(reached_at.min() / budget.total), 1.0) if len(reached_at) else math.inf
 
 
 def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Path) -> Path:
