@@ -10,8 +10,11 @@ its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.1] [--meta-optimizer adam]
-        [--every 8] [--no-confirm] [--span 3 | --span none] [--lr-floor 0.1] [--trace 8]
+        [--every 8] [--no-confirm] [--span 3 | --span none] [--valid-batch-size 256 | none]
+        [--lr-floor 0.1] [--trace 8]
 
+``--valid-batch-size none`` takes each hypergradient's validation loss on the whole validation split
+(``Hypergradient(valid_batch_size=None)``; the streamed study's loaders did so before stop 27).
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
 lower bound of the study's learning rate, which otherwise is the low end of its range; with the
 default span of 3 a floor below 1/3 changes nothing).
@@ -70,6 +73,14 @@ def _span(text: str) -> float | None:
     return span
 
 
+def _examples(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples >= 1 or 'none'")
+    return int(text)
+
+
 def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
     """``study`` whose learning rates start at their defaults and stay at or above ``floor`` times them."""
     def build(trial):
@@ -114,13 +125,16 @@ def main() -> None:
     parser.add_argument("--no-confirm", dest="confirm", action="store_false", help="Hypergradient(confirm=False)")
     parser.add_argument("--span", type=_span, default=hypermeta.Hypergradient().span,
                         help="Hypergradient(span=...): a factor >= 1, or 'none'")
+    parser.add_argument("--valid-batch-size", type=_examples, default=hypermeta.Hypergradient().valid_batch_size,
+                        help="Hypergradient(valid_batch_size=...): validation examples per hypergradient, or 'none'")
     parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
                                             meta_lr=args.meta_lr, meta_optimizer=args.meta_optimizer,
-                                            every=args.every, confirm=args.confirm, span=args.span)
+                                            every=args.every, confirm=args.confirm, span=args.span,
+                                            valid_batch_size=args.valid_batch_size)
     print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
     for path in args.studies:
         study = load_study_file(path)

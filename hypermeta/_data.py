@@ -106,8 +106,9 @@ class Loaders:
     Any object that can be iterated again and again will do: a ``torch.utils.data.DataLoader``
     (shuffling, ``num_workers > 0``, transforms), a list of tensor pairs. The loader decides the
     batch size. Training rolls over epochs as needed; every batch is moved to the run's device
-    (floating-point tensors also to the model's dtype). Hypergradients take their validation loss
-    on ``valid``: all of it, or ``Hypergradient.valid_batches`` batches at a time.
+    (floating-point tensors also to the model's dtype). Each hypergradient takes its validation
+    loss on the next consecutive batches of ``valid`` (epoch after epoch) that hold
+    ``Hypergradient.valid_batch_size`` examples, or on ``Hypergradient.valid_batches`` of them.
 
     Example:
         >>> import torch, hypermeta
@@ -165,19 +166,35 @@ class LoaderBatches(_Stream):
 
 
 class JoinedBatches:
-    """Validation batches for hypergradients: ``n`` batches of a stream joined, or a whole pass."""
+    """Validation batches for hypergradients, joined: ``n`` consecutive batches of a stream, else
+    consecutive batches until they hold ``examples`` examples (one at least, a whole pass at most
+    where the loader has a length), else a whole pass."""
 
-    def __init__(self, loader: Iterable, *, n: int | None, device: torch.device, dtype: torch.dtype) -> None:
-        self._loader, self._n, self._device, self._dtype = loader, n, device, dtype
+    def __init__(
+        self, loader: Iterable, *, n: int | None, examples: int | None, device: torch.device, dtype: torch.dtype,
+    ) -> None:
+        self._loader, self._n, self._examples, self._device, self._dtype = loader, n, examples, device, dtype
         self._stream = LoaderBatches(loader, device=device, dtype=dtype, where="valid")
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._n is None:
+        if self._n is not None:
+            batches = [self._stream.next() for _ in range(self._n)]
+        elif self._examples is not None:
+            batches = [self._stream.next()]
+            passes = _batches_in(self._loader)
+            while sum(len(y) for _, y in batches) < self._examples and len(batches) != passes:
+                batches.append(self._stream.next())
+        else:
             batches = [check_batch(batch, "valid") for batch in self._loader]
             batches = [(to_run(x, self._device, self._dtype), to_run(y, self._device, self._dtype)) for x, y in batches]
-        else:
-            batches = [self._stream.next() for _ in range(self._n)]
         return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _batches_in(loader: Iterable) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length (a DataLoader of an IterableDataset raises it too)
+        return None
 
 
 def split_batches(data: Split | Iterable, *, batch_size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

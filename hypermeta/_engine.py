@@ -77,14 +77,20 @@ class Hypergradient:
         valid_batch_size: validation examples per hypergradient, a fresh random subsample each
             hyper-step (the whole split when it is smaller); ``None`` uses the whole split. 256
             costs a quarter of MNIST-1D's 1,000-example split and moved the learned rates no
-            further than the whole split in ``benchmarks/short_horizon.py``.
+            further than the whole split in ``benchmarks/short_horizon.py``. With
+            :class:`hypermeta.Loaders`, the next consecutive batches of ``valid`` that hold this
+            many examples (one batch at least, one pass at most), unless ``valid_batches`` is given.
         carry_segments: when a learning-rate schedule segment begins, start it as far (in log
             space) from its own starting value as the previous segment has moved from its own, so
             the schedule keeps what hypergradients learned instead of jumping back to ``init``.
             ``False`` starts every segment at its starting value. Either way a hyper-step moves
             only the rates of the segment being trained.
         valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
-            (consecutive batches of ``valid``, epoch after epoch); ``None`` uses all of ``valid``.
+            (consecutive batches of ``valid``, epoch after epoch); ``None``: as many as hold
+            ``valid_batch_size`` examples, or all of ``valid`` when that is ``None`` too. With a whole
+            pass over its 10,000 validation examples per hyper-step, the streamed study's long
+            adaptive runs took a quarter fewer steps than fixed ones in the same seconds
+            (``benchmarks/long_run.py``, docs/benchmarks.md).
         every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
             the windows between are plain ``torch.optim`` steps at the current values. The cost
             over plain training shrinks about ``every``-fold, and so does how far the values
@@ -692,7 +698,9 @@ def _streams(data, batch_size, valid_batch_size, valid_batches, seed, parameter)
         device, dtype = parameter.device, parameter.dtype
         return {
             "train_batches": LoaderBatches(data.train, device=device, dtype=dtype, where="train"),
-            "valid_batches": JoinedBatches(data.valid, n=valid_batches, device=device, dtype=dtype),
+            "valid_batches": JoinedBatches(
+                data.valid, n=valid_batches, examples=valid_batch_size, device=device, dtype=dtype,
+            ),
         }
     return {
         "train_batches": Batches(data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)),

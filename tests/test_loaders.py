@@ -52,6 +52,31 @@ def test_dataloader_run_trains_with_hypergradients(digits):
     assert result.trajectory["hypergradient"].notna().all()
 
 
+@pytest.mark.parametrize(("valid_batch_size", "valid_batches", "n_batches", "joined"), [
+    (20, None, 4, 21),  # consecutive batches of 7 until they hold 20 examples
+    (20, None, 2, 14),  # never more than one pass
+    (None, None, 4, 28),  # all of valid
+    (8, 2, 4, 14),  # valid_batches decides
+])
+def test_a_hypergradient_takes_its_validation_loss_on_the_loader_batches_that_hold_valid_batch_size(
+        digits, valid_batch_size, valid_batches, n_batches, joined):
+    sizes = []
+
+    def loss(output, targets):
+        sizes.append(len(targets))
+        return F.cross_entropy(output, targets)
+
+    valid = [(digits.valid.x[i : i + 7], digits.valid.y[i : i + 7]) for i in range(0, 7 * n_batches, 7)]
+    hypermeta.train(
+        mlp(), data=hypermeta.Loaders(train=[(digits.train.x[:10], digits.train.y[:10])], valid=valid),
+        steps=10, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=10,
+        hypergradient=hypermeta.Hypergradient(
+            horizon=10, every=1, valid_batch_size=valid_batch_size, valid_batches=valid_batches),
+    )
+    whole = 7 * n_batches  # the evaluations at the start (the divergence guard's reference) and the end
+    assert [size for size in sizes if size != 10] == [whole, joined, whole]  # the hyper-step between them
+
+
 def test_epochs_roll_over_and_every_batch_is_used(digits):
     """Far more steps than one epoch has batches: the loader is iterated again, in its own order."""
     seen = []
