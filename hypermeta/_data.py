@@ -108,7 +108,9 @@ class Loaders:
     batch size. Training rolls over epochs as needed; every batch is moved to the run's device
     (floating-point tensors also to the model's dtype). Each hypergradient takes its validation
     loss on the next consecutive batches of ``valid`` (epoch after epoch) that hold
-    ``Hypergradient.valid_batch_size`` examples, or on ``Hypergradient.valid_batches`` of them.
+    ``Hypergradient.valid_batch_size`` examples, or on ``Hypergradient.valid_batches`` of them. A
+    ``DataLoader`` with ``persistent_workers=True`` shares one iterator between its passes, so each
+    evaluation restarts that stream at the loader's first batches: shuffle such a ``valid`` loader.
 
     Example:
         >>> import torch, hypermeta
@@ -152,6 +154,8 @@ class LoaderBatches(_Stream):
     def __init__(self, loader: Iterable, *, device: torch.device, dtype: torch.dtype, where: str) -> None:
         self._loader, self._device, self._dtype, self._where = loader, device, dtype, where
         self._iterator = iter(loader)
+        self._taken_in_pass = 0
+        self.pass_examples: int | None = None  # the examples in one pass, known once the first has ended
 
     def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -161,14 +165,16 @@ class LoaderBatches(_Stream):
             batch = next(self._iterator, None)
             if batch is None:
                 raise ValueError(f"the {self._where} loader yielded no batches") from None
+            self.pass_examples, self._taken_in_pass = self._taken_in_pass, 0
         x, y = check_batch(batch, self._where)
+        self._taken_in_pass += len(y)
         return to_run(x, self._device, self._dtype), to_run(y, self._device, self._dtype)
 
 
 class JoinedBatches:
     """Validation batches for hypergradients, joined: ``n`` consecutive batches of a stream, else
-    consecutive batches until they hold ``examples`` examples (one at least, a whole pass at most
-    where the loader has a length), else a whole pass."""
+    consecutive batches until they hold ``examples`` examples (one batch at least, as many examples
+    as one pass at most), else a whole pass."""
 
     def __init__(
         self, loader: Iterable, *, n: int | None, examples: int | None, device: torch.device, dtype: torch.dtype,
@@ -181,20 +187,15 @@ class JoinedBatches:
             batches = [self._stream.next() for _ in range(self._n)]
         elif self._examples is not None:
             batches = [self._stream.next()]
-            passes = _batches_in(self._loader)
-            while sum(len(y) for _, y in batches) < self._examples and len(batches) != passes:
+            while (joined := sum(len(y) for _, y in batches)) < self._examples:
+                self._stream.peek()  # the stream learns the size of a pass as it begins the next one
+                if self._stream.pass_examples is not None and joined >= self._stream.pass_examples:
+                    break
                 batches.append(self._stream.next())
         else:
             batches = [check_batch(batch, "valid") for batch in self._loader]
             batches = [(to_run(x, self._device, self._dtype), to_run(y, self._device, self._dtype)) for x, y in batches]
         return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-
-
-def _batches_in(loader: Iterable) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an iterable without a length (a DataLoader of an IterableDataset raises it too)
-        return None
 
 
 def split_batches(data: Split | Iterable, *, batch_size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -79,7 +79,10 @@ class Hypergradient:
             costs a quarter of MNIST-1D's 1,000-example split and moved the learned rates no
             further than the whole split in ``benchmarks/short_horizon.py``. With
             :class:`hypermeta.Loaders`, the next consecutive batches of ``valid`` that hold this
-            many examples (one batch at least, one pass at most), unless ``valid_batches`` is given.
+            many examples (one batch at least, one pass at most), unless ``valid_batches`` is given;
+            with a whole pass over its 10,000 validation examples per hyper-step, the streamed
+            study's long adaptive runs took 0.75 of the fixed runs' steps in the same seconds,
+            against 0.86 with 256 (``benchmarks/long_run.py``, docs/benchmarks.md).
         carry_segments: when a learning-rate schedule segment begins, start it as far (in log
             space) from its own starting value as the previous segment has moved from its own, so
             the schedule keeps what hypergradients learned instead of jumping back to ``init``.
@@ -87,10 +90,7 @@ class Hypergradient:
             only the rates of the segment being trained.
         valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
             (consecutive batches of ``valid``, epoch after epoch); ``None``: as many as hold
-            ``valid_batch_size`` examples, or all of ``valid`` when that is ``None`` too. With a whole
-            pass over its 10,000 validation examples per hyper-step, the streamed study's long
-            adaptive runs took a quarter fewer steps than fixed ones in the same seconds
-            (``benchmarks/long_run.py``, docs/benchmarks.md).
+            ``valid_batch_size`` examples, or all of ``valid`` when that is ``None`` too.
         every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
             the windows between are plain ``torch.optim`` steps at the current values. The cost
             over plain training shrinks about ``every``-fold, and so does how far the values

@@ -376,7 +376,7 @@ class TrialRunner:
     differentiable hyperparameter is an ordinary parameter (see :func:`hypermeta._study.resolve`).
     Without ``store`` no trajectories are kept. ``start``: warm-start values (see ``resolve``).
     ``target``: the finished trials the study should hold; a trial that workers starting at the
-    same moment created beyond it ends FAIL without training (or at its first evaluation, where
+    same moment created beyond it ends FAIL without training (or after its first steps, where
     the check at its start could not yet see the other worker's trial), and its worker stops.
     ``deadline`` (a ``time.perf_counter()`` time): a trial still training then is pruned at its
     next evaluation (``hypermeta compare`` ends an arm's last trial where its budget of seconds ends).
@@ -391,7 +391,7 @@ class TrialRunner:
         self.progress = progress or _Progress(0, quiet=True)
         self.start, self.target, self.deadline = start, target, deadline
         self.finished, self.failures, self.fatal = 0, [], None
-        self._rechecked = None  # the trial whose first evaluation checked it was not surplus
+        self._rechecked = None  # the trial whose first steps were followed by the second surplus check
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -461,7 +461,8 @@ class TrialRunner:
         self.progress.start_trial(setup.steps if setup.steps < UNTIL_THE_DEADLINE else None)
         started = time.perf_counter()
         result = setup.train(
-            initial_values=initial_values, seed=seed, device=self.device, on_steps=self.progress.steps,
+            initial_values=initial_values, seed=seed, device=self.device,
+            on_steps=lambda n: self._on_steps(trial, n, surplus_check=finish is None),
             on_evaluation=lambda step, metrics: self._report(
                 trial, step, metrics, setup.steps, deadline=deadline, prune=finish is None),
         )
@@ -479,9 +480,9 @@ class TrialRunner:
     def _drop_if_surplus(self, trial: optuna.Trial, what: str) -> None:
         """End ``trial`` if ``target`` trials started before it.
 
-        Checked as it starts and again at its first evaluation: a trial another worker created at
-        the same moment may have started first (``datetime_start`` is taken before the insert) but
-        reached the storage only after this trial's first check.
+        Checked as it starts and again after its first steps (a window): a trial another worker
+        created at the same moment may have started first (``datetime_start`` is taken before the
+        insert) but reached the storage only after this trial's first check.
         """
         if self.target is not None and _taken_before(trial) >= self.target:
             trial.study.stop()
@@ -489,13 +490,17 @@ class TrialRunner:
             trial.set_user_attr(STOP_REASON, reason)
             raise SurplusTrial(reason)
 
+    def _on_steps(self, trial: optuna.Trial, n_steps: int, *, surplus_check: bool) -> None:
+        """After the first steps of a trial, the second surplus check; then the progress bar."""
+        if surplus_check and self._rechecked != trial.number:
+            self._rechecked = trial.number
+            self._drop_if_surplus(trial, f"stopped after {n_steps} steps")
+        self.progress.steps(n_steps)
+
     def _report(
         self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int, *, deadline: float | None,
         prune: bool,
     ) -> bool:
-        if prune and self._rechecked != trial.number:
-            self._rechecked = trial.number
-            self._drop_if_surplus(trial, f"stopped at step {step}")
         trial.report(metrics[self.study.metric], step)
         if step >= steps:  # a run that has finished is complete, not pruned
             return False

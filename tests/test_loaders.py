@@ -77,6 +77,42 @@ def test_a_hypergradient_takes_its_validation_loss_on_the_loader_batches_that_ho
     assert [size for size in sizes if size != 10] == [whole, joined, whole]  # the hyper-step between them
 
 
+class _Unsized:
+    """A re-iterable of batches without a length, as a loader over a generator is."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("sized", [True, False])
+@pytest.mark.parametrize(("valid_batch_size", "joined"), [
+    (12, [(0, 1), (2, 3), (4, 0), (1, 2)]),  # each hyper-step the next batches, on into the next pass
+    (50, [(0, 1, 2, 3, 4)] * 4),  # more than the split holds: one whole pass each
+])
+def test_each_hyper_step_takes_the_next_validation_batches_and_one_pass_at_most(
+        digits, sized, valid_batch_size, joined):
+    taken = []
+
+    def loss(output, targets):
+        taken.append(targets.clone())
+        return F.cross_entropy(output, targets)
+
+    valid = [(digits.valid.x[i : i + 7], digits.valid.y[i : i + 7]) for i in range(0, 35, 7)]
+    hypermeta.train(
+        mlp(), data=hypermeta.Loaders(train=[(digits.train.x[:10], digits.train.y[:10])],
+                                      valid=valid if sized else _Unsized(valid)),
+        steps=40, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=40,
+        hypergradient=hypermeta.Hypergradient(horizon=10, every=1, valid_batch_size=valid_batch_size),
+    )
+    hyper_steps = [targets for targets in taken if len(targets) != 10][1:-1]  # between the two evaluations
+    assert len(hyper_steps) == 4
+    for got, batches in zip(hyper_steps, joined, strict=True):
+        torch.testing.assert_close(got, torch.cat([valid[i][1] for i in batches]))
+
+
 def test_epochs_roll_over_and_every_batch_is_used(digits):
     """Far more steps than one epoch has batches: the loader is iterated again, in its own order."""
     seen = []

@@ -160,6 +160,22 @@ def test_a_call_during_a_server_restart_waits_for_the_server(postgres_server, po
         restart.join()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # ask() outside optimize, as a test does
+def test_a_trial_reading_its_study_during_a_server_restart_waits_for_the_server(postgres_server, postgres_url):
+    """Optuna's cache in front of the storage reads trials with private methods of the storage
+    (a trial's surplus check reads the study's trials): those wait out an outage too."""
+    study = optuna.create_study(storage=_storage.open_storage(postgres_url, create=True), study_name="s")
+    study.ask()
+    postgres_server.stop()
+    restart = threading.Timer(2, postgres_server.start)
+    restart.start()
+    try:
+        assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
+        assert study.ask().number == 1  # a new trial, created through the cache as well
+    finally:
+        restart.join()
+
+
 def test_an_outage_longer_than_the_limit_is_one_line_naming_the_storage(postgres_server, postgres_url, monkeypatch):
     storage = _storage.open_storage(postgres_url, create=True)
     monkeypatch.setattr(_storage, "OUTAGE_S", 1.5)

@@ -152,7 +152,7 @@ def _check_exactly_finished(url: str, artifacts: Path, n_trials: int) -> None:
     assert len(set(drawn)) == len(drawn), "workers drew the same trial"  # only a re-run repeats one
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     others = [t for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
-    surplus = ("not run:", "stopped at step")  # surplus: nothing trained, or dropped at its first evaluation
+    surplus = ("not run:", "stopped after")  # surplus: nothing trained, or dropped after its first steps
     assert all(t.user_attrs["stop_reason"].startswith(surplus) for t in others)
     store = FileSystemArtifactStore(str(artifacts))
     for file_name in (_runner.TRAJECTORY_FILE, _runner.EVALUATIONS_FILE):
