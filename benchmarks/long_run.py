@@ -8,11 +8,12 @@ model, and how far the learning rates and weight decays moved (final over start,
 largest over the groups); then the median over seeds. A learning rate that ends 10x or more below
 its start has collapsed under the short-horizon bias.
 
-    python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3]
+    python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3] [--first-seed 0]
         [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.1] [--meta-optimizer adam]
         [--every 8] [--no-confirm] [--span 3 | --span none] [--valid-batch-size 256 | none]
         [--lr-floor 0.1] [--trace 8]
 
+``--first-seed K`` runs seeds K, K+1, ... (two processes on two cores can run disjoint seeds).
 ``--valid-batch-size none`` takes each hypergradient's validation loss on the whole validation split
 (``Hypergradient(valid_batch_size=None)``; the streamed study's loaders did so before stop 27).
 ``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("studies", nargs="*", default=list(STUDIES))
     parser.add_argument("--seconds", type=float, help="per run (default: 20 digits, 30 highdim, 60 MNIST-1D)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--estimator", default=hypermeta.Hypergradient().estimator)
     parser.add_argument("--horizon", type=int, default=hypermeta.Hypergradient().horizon)
     parser.add_argument("--settle", type=int, help="settling steps per window (default: half the horizon)")
@@ -140,7 +142,7 @@ def main() -> None:
         study = load_study_file(path)
         budget = Budget(seconds=args.seconds or STUDIES.get(path, 60.0))
         rows = {"fixed": [], "adaptive": []}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             order = ("fixed", "adaptive") if seed % 2 == 0 else ("adaptive", "fixed")
             for arm in order:
                 adaptive = arm == "adaptive"
