@@ -145,6 +145,21 @@ def test_finish_without_a_completed_trial_is_a_one_line_error_and_keeps_the_tria
     assert [t.state for t in optuna.load_study(study_name="tiny", storage=url).get_trials()] == [TrialState.PRUNED]
 
 
+def test_finish_from_learned_values_outside_the_study_files_ranges_is_a_one_line_error(tmp_path):
+    (tmp_path / "tiny.py").write_text(study_text())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--storage", url, "--quiet")[0] == 0
+    # the user then narrows the learning rate's bounds so that the best trial's learned rate lies outside them
+    narrowed = study_text(lr='float("lr", 0.6, 0.7), bounds=(0.55, 0.75)')
+    (tmp_path / "tiny.py").write_text(narrowed)
+    before = fingerprint(url)
+    code, _, err = cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--finish", 1, "--storage", url, "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(r"--finish 'tiny': its lr/all/0 = \S+ lies outside this study's range \(0.55, 0.75\)", err), err
+    assert "drop --finish" in err
+    assert fingerprint(url) == before  # nothing queued
+
+
 def test_threads_sets_pytorch_s_cpu_threads(tmp_path):
     (tmp_path / "tiny.py").write_text(study_text())
     url = f"sqlite:///{tmp_path / 'study.db'}"
