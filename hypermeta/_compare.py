@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from hypermeta._engine import Hypergradient, TrainResult
 from hypermeta._errors import UsageError
 from hypermeta._private.files import check_target, staged_directory
-from hypermeta._records import FAIL_REASON, FINISH, STOP_REASON
+from hypermeta._records import FAIL_REASON, FINISH, trial_reason
 from hypermeta._runner import UNTIL_THE_DEADLINE, TrialRunner, enqueue_finish
 from hypermeta._study import (
     Setup,
@@ -131,7 +131,7 @@ def _search(study: Study, arm: str, budget: Budget, seed: int, device: str, log=
         search.optimize(runner, n_trials=1, catch=(Exception,), callbacks=[on_trial_end])
         finishing = search.trials[-1]
         if finishing.state != optuna.trial.TrialState.COMPLETE:
-            reason = finishing.user_attrs.get(STOP_REASON) or finishing.user_attrs.get(FAIL_REASON, "unknown")
+            reason = trial_reason(finishing) or "unknown"
             log(f"{search.study_name}: the finishing run ended {finishing.state.name}: {reason.splitlines()[0]}")
     return rows
 

@@ -50,6 +50,14 @@ STUDY_METRIC = "metric"  # study user attribute: the objective, for reports that
 STUDY_WARM_START = "warm_start"
 
 
+def trial_reason(trial) -> str | None:
+    """Why a stored trial failed or stopped early (its ``fail_reason`` or ``stop_reason``)."""
+    reason = trial.user_attrs.get(FAIL_REASON) or trial.user_attrs.get(STOP_REASON)
+    if reason is None and trial.state.name == "FAIL":
+        return "no reason stored"
+    return reason
+
+
 def describe_layers(model) -> dict[str, str]:
     """Each parameter group of ``model`` (a module owning trainable parameters) -> its type and shape.
 

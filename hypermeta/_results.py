@@ -12,13 +12,12 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from hypermeta import _storage
 from hypermeta._records import (
     EVALUATIONS_FILE,
-    FAIL_REASON,
     FINISH,
     HYPERPARAMETERS,
-    STOP_REASON,
     TEST_PREFIX,
     TRAJECTORY_COLUMNS,
     TRAJECTORY_FILE,
+    trial_reason,
 )
 
 
@@ -97,14 +96,6 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def trial_reason(trial: optuna.trial.FrozenTrial) -> str | None:
-    """Why a trial failed or stopped early (the ``fail_reason`` or ``stop_reason`` user attribute)."""
-    reason = trial.user_attrs.get(FAIL_REASON) or trial.user_attrs.get(STOP_REASON)
-    if reason is None and trial.state == optuna.trial.TrialState.FAIL:
-        return "no reason stored"
-    return reason
 
 
 def why_none_completed(study: optuna.Study) -> str:

@@ -38,6 +38,7 @@ from hypermeta._records import (
     TEST_PREFIX,
     TRAJECTORY_FILE,
     describe_layers,
+    trial_reason,
 )
 from hypermeta._study import (
     Setup,
@@ -170,7 +171,7 @@ def _run_finish(stored: optuna.Study, study: Study, setup: Setup, options: RunOp
     if ran[0].state != TrialState.COMPLETE:
         raise RunError(
             f"the finishing run of trial {best.number} (trial {ran[0].number}) did not complete:"
-            f" {ran[0].user_attrs.get(STOP_REASON) or ran[0].user_attrs.get(FAIL_REASON, 'unknown')}"
+            f" {trial_reason(ran[0]) or 'unknown'}"
         )
 
 
