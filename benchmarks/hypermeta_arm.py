@@ -1,7 +1,7 @@
 """The hypermeta arm of ``hypermeta compare`` alone, with a variant: cheap to try a lever before a full run.
 
     python benchmarks/hypermeta_arm.py studies/digits_mlp.py --seconds 20 --seeds 3 --start middle
-    python benchmarks/hypermeta_arm.py studies/mnist1d_cnn.py --seconds 180 --hypergradient every=2
+    python benchmarks/hypermeta_arm.py studies/mnist1d_cnn.py --seconds 180 --hypergradient horizon=80
 
 ``--start``: ``search`` (what ``hypermeta compare`` does: TPE draws every trial's initial values),
 ``middle`` (the first trial starts at the middle of the init ranges, TPE draws the rest), ``learned``

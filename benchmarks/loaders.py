@@ -10,8 +10,7 @@ Adam steps over the same seeded DataLoader, each with one validation pass before
 * torch: a hand-written loop (``zero_grad``, loss, ``backward``, ``step``; one parameter group
   per layer, as hypermeta makes them) with an evaluation loop of its own;
 * plain: ``hypermeta.train`` without hypergradients on ``Loaders`` of that DataLoader;
-* hyper: ``hypermeta.train`` with ``Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1,
-  confirm=False, span=None)``: the cost of a hyper-step on every window.
+* hyper: ``hypermeta.train`` with ``Hypergradient()``: the cost of its hyper-steps, one per window.
 
 One thread (``--threads``), the arms interleaved in a rotating order after a warm-up round; the
 ratios are medians over rounds of the per-round ratio to the torch arm. Run
@@ -104,9 +103,7 @@ def main() -> None:
     arms = {
         "torch": torch_arm,
         "plain": hypermeta_arm(None),
-        "hyper": hypermeta_arm(
-            hypermeta.Hypergradient(horizon=20, valid_batches=2, meta_lr=0.0, every=1, confirm=False, span=None)
-        ),
+        "hyper": hypermeta_arm(hypermeta.Hypergradient()),
     }
     names = list(arms)
     seconds = {name: [] for name in names}

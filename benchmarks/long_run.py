@@ -3,32 +3,26 @@
 For each study file, each seed runs the study's defaults (the middle of every range, the first of
 every choice; as the ``defaults`` arm of ``hypermeta compare``) twice for the same wall-clock
 seconds: once with fixed values and once with ``Hypergradient()`` (or the options given), in
-alternating order. Printed per run: steps taken, the final validation metric (the study's), test accuracy of the final
-model, and how far the learning rates and weight decays moved (final over start, the smallest and
+alternating order. Printed per run: steps taken, the final validation metric (the study's), the
+test accuracy of the final model (its test loss where the study has no accuracy), and how far the
+learning rates and weight decays moved (final over start, the smallest and
 largest over the groups); then the median over seeds. A learning rate that ends 10x or more below
 its start has collapsed under the short-horizon bias.
 
     python benchmarks/long_run.py [STUDY_FILE ...] [--seconds 60] [--seeds 3] [--first-seed 0]
-        [--estimator first_order] [--horizon 40] [--settle 20] [--meta-lr 0.1] [--meta-optimizer adam]
-        [--every 8] [--no-confirm] [--span 3 | --span none] [--valid-batch-size 256 | none]
-        [--lr-floor 0.1] [--trace 8]
+        [--estimator first_order] [--horizon 40] [--valid-batch-size 256 | none] [--trace 8]
 
 ``--first-seed K`` runs seeds K, K+1, ... (two processes on two cores can run disjoint seeds).
 ``--valid-batch-size none`` takes each hypergradient's validation loss on the whole validation split
-(``Hypergradient(valid_batch_size=None)``; the streamed study's loaders did so before stop 27).
-``--lr-floor F`` keeps every learning rate of the adaptive runs at or above F times its start (a
-lower bound of the study's learning rate, which otherwise is the low end of its range; with the
-default span of 3 a floor below 1/3 changes nothing).
+(``Hypergradient(valid_batch_size=None)``).
 ``--trace N`` also prints each run's best evaluation and N evaluations spread over the run, with
 the losses, the validation accuracy (a classifier) and (adaptive runs) the learning rates and
-weight decays in force at that step. ``--span none`` lets the adaptive values go anywhere in their
-bounds (``Hypergradient(span=None)``).
+weight decays in force at that step.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 
@@ -38,7 +32,6 @@ import hypermeta
 from hypermeta._compare import Budget, long_run
 from hypermeta._hyperparameters import HyperParameters
 from hypermeta._runner import load_study_file
-from hypermeta._study import starting_value
 
 STUDIES = {"studies/digits_mlp.py": 20.0, "studies/digits_highdim.py": 30.0, "studies/mnist1d_cnn.py": 60.0}
 
@@ -58,20 +51,14 @@ def _paired(pairs: list[tuple[dict, dict]], key: str) -> str:
     return f"{statistics.mean(differences):+.4f} ({error:.4f})"
 
 
+def _test_metric(rows: list[dict]) -> str:
+    """The test accuracy where the runs have one (a classifier), else the test loss."""
+    accuracies = [row.get("test_accuracy", math.nan) for row in rows]
+    return "test_loss" if all(math.isnan(value) for value in accuracies) else "test_accuracy"
+
+
 def _show(moved: tuple[float, float] | None) -> str:
     return "-" if moved is None else f"{moved[0]:.2g}..{moved[1]:.2g}x"
-
-
-def _span(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        span = float(text)
-    except ValueError:
-        span = math.nan
-    if not span >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a factor >= 1 or 'none'")
-    return span
 
 
 def _examples(text: str) -> int | None:
@@ -80,17 +67,6 @@ def _examples(text: str) -> int | None:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples >= 1 or 'none'")
     return int(text)
-
-
-def _with_lr_floor(study: hypermeta.Study, floor: float) -> hypermeta.Study:
-    """``study`` whose learning rates start at their defaults and stay at or above ``floor`` times them."""
-    def build(trial):
-        setup = study.build(trial)
-        rate = setup.learning_rate
-        start = starting_value(rate)
-        floored = dataclasses.replace(rate, init=start, bounds=(floor * start, rate.bounds[1]))
-        return dataclasses.replace(setup, learning_rate=floored)
-    return dataclasses.replace(study, build=build)
 
 
 def _trace(result: hypermeta.TrainResult, points: int) -> None:
@@ -120,22 +96,12 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--estimator", default=hypermeta.Hypergradient().estimator)
     parser.add_argument("--horizon", type=int, default=hypermeta.Hypergradient().horizon)
-    parser.add_argument("--settle", type=int, help="settling steps per window (default: half the horizon)")
-    parser.add_argument("--meta-lr", type=float, default=hypermeta.Hypergradient().meta_lr)
-    parser.add_argument("--meta-optimizer", default=hypermeta.Hypergradient().meta_optimizer)
-    parser.add_argument("--every", type=int, default=hypermeta.Hypergradient().every)
-    parser.add_argument("--no-confirm", dest="confirm", action="store_false", help="Hypergradient(confirm=False)")
-    parser.add_argument("--span", type=_span, default=hypermeta.Hypergradient().span,
-                        help="Hypergradient(span=...): a factor >= 1, or 'none'")
     parser.add_argument("--valid-batch-size", type=_examples, default=hypermeta.Hypergradient().valid_batch_size,
                         help="Hypergradient(valid_batch_size=...): validation examples per hypergradient, or 'none'")
-    parser.add_argument("--lr-floor", type=float, help="adaptive learning rates stay >= this times their start")
     parser.add_argument("--trace", type=int, default=0, help="print this many evaluations of each run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon, settle=args.settle,
-                                            meta_lr=args.meta_lr, meta_optimizer=args.meta_optimizer,
-                                            every=args.every, confirm=args.confirm, span=args.span,
+    hypergradient = hypermeta.Hypergradient(estimator=args.estimator, horizon=args.horizon,
                                             valid_batch_size=args.valid_batch_size)
     print(f"adaptive runs: {hypergradient}; 1 thread; shared machine, so timings are noisy")
     for path in args.studies:
@@ -147,8 +113,7 @@ def main() -> None:
             for arm in order:
                 adaptive = arm == "adaptive"
                 traced = []  # the run, kept only for --trace
-                row = long_run(_with_lr_floor(study, args.lr_floor) if adaptive and args.lr_floor else study,
-                               budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None,
+                row = long_run(study, budget=budget, seed=seed, hypergradient=hypergradient if adaptive else None,
                                on_result=traced.append if args.trace else None)
                 rows[arm].append(row)
                 print(f"{study.name} seed {seed} {arm:>8}: {row['steps']:>6} steps, {study.metric} {row['value']:.4f}, "
@@ -157,23 +122,25 @@ def main() -> None:
                       f"lr {_show(_moved(row, 'lr'))}, weight decay {_show(_moved(row, 'weight_decay'))}", flush=True)
                 if args.trace:
                     _trace(traced[0], args.trace)
+        test = _test_metric(rows["fixed"] + rows["adaptive"])
         print(f"\n{study.name}, {budget.seconds:g} s per run, median over {args.seeds} seeds:")
-        print(f"| run | steps | final {study.metric} | test accuracy | lr final/start (lowest) |")
+        print(f"| run | steps | final {study.metric} | {test.replace('_', ' ')} | lr final/start (lowest) |")
         print("|---|---|---|---|---|")
         for arm, of_arm in rows.items():
             lowest = [(_moved(row, "lr") or (1.0, 1.0))[0] for row in of_arm]
             print(f"| {arm} | {statistics.median(r['steps'] for r in of_arm):.0f} | "
                   f"{statistics.median(r['value'] for r in of_arm):.4f} | "
-                  f"{statistics.median(r.get('test_accuracy', float('nan')) for r in of_arm):.4f} | "
+                  f"{statistics.median(r[test] for r in of_arm):.4f} | "
                   f"{statistics.median(lowest):.2g}x |")
         pairs = list(zip(rows["adaptive"], rows["fixed"], strict=True))
         sign = 1 if study.direction == "minimize" else -1
         better = sum(sign * a["value"] < sign * f["value"] for a, f in pairs)
-        higher = sum(a.get("test_accuracy", 0.0) > f.get("test_accuracy", 0.0) for a, f in pairs)
+        test_sign = -1 if test == "test_accuracy" else 1
+        test_better = sum(test_sign * a[test] < test_sign * f[test] for a, f in pairs)
         print(f"adaptive ended with the better {study.metric} ({'lower' if sign == 1 else 'higher'}) in {better} "
-              f"of {args.seeds} seeds and the higher test accuracy in {higher}", flush=True)
+              f"of {args.seeds} seeds and the better {test.replace('_', ' ')} in {test_better}", flush=True)
         print(f"adaptive minus fixed, mean over seeds (standard error): {study.metric} {_paired(pairs, 'value')}, "
-              f"test accuracy {_paired(pairs, 'test_accuracy')}\n", flush=True)
+              f"{test.replace('_', ' ')} {_paired(pairs, test)}\n", flush=True)
 
 
 if __name__ == "__main__":

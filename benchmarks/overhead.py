@@ -12,10 +12,11 @@ of the same initial model are trained side by side, batch size 32, SGD with mome
 A timed sample is a few windows back to back (about ``--steps-per-sample`` inner steps, so that
 K = 1 is not lost in timer noise). Samples of the three modes are interleaved, in a rotating
 order, after a warm-up; the reported ratio is the median over repeats of
-``time(hyper-step samples) / time(plain samples)`` taken in the same repeat. The meta learning
-rate is 0 so that every repeat trains at the same learning rate; the meta step is still taken.
-The validation loss uses the whole validation split (360 examples), as ``hypermeta.train`` does
-by default; ``--valid-batch-size`` changes that.
+``time(hyper-step samples) / time(plain samples)`` taken in the same repeat. The learning rate's
+bounds hold it at its start, so that every repeat trains at the same rate; the meta step is still
+taken.
+The per-step table takes the validation loss on the whole validation split (360 examples) unless
+``--valid-batch-size`` is given; ``train()`` takes ``Hypergradient().valid_batch_size`` (256) by default.
 
 Memory: ``tracemalloc`` does not see torch's CPU allocations, so the size of the unrolled
 window's autograd graph is measured instead. One unrolled window runs under
@@ -25,8 +26,8 @@ builds); the table reports the bytes of the distinct storages behind them
 (``untyped_storage().nbytes()``, each storage counted once), in MiB. That is what the graph
 keeps alive until the reverse pass; it excludes the model's own weights and optimizer state.
 
-End to end: the same ``hypermeta.train`` call (the digits MLP of ``studies/digits_mlp.py``, 600
-steps, and the MNIST-1D CNN of ``studies/mnist1d_cnn.py``, 400 steps, per-layer learning rates and
+End to end: the same ``hypermeta.train`` call (the digits MLP of ``studies/digits_mlp.py``, 3,000
+steps, and the MNIST-1D CNN of ``studies/mnist1d_cnn.py``, 1,500 steps, per-layer learning rates and
 weight decay) with the default ``Hypergradient()``, with each estimator at its defaults otherwise,
 and with ``hypergradient=None``; and a hand-written ``torch.optim`` loop over the same batches that
 evaluates on the validation split as often as ``train()`` does (at the start and every
@@ -105,7 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="cProfile the unrolled hyper-step (MLP, K = 10)"
     )
     parser.add_argument("--end-to-end-only", action="store_true", help="only the train() table")
-    parser.add_argument("--every", type=int, help="end to end: first_order and unrolled also with every=N")
     parser.add_argument("--per-step-only", action="store_true", help="only the hyper-step table")
     parser.add_argument("--end-to-end-repeats", type=int, help="runs per mode end to end (5; 3 with --quick)")
     args = parser.parse_args(argv)
@@ -134,7 +134,7 @@ def make_run(model: nn.Module, data: Dataset, args: argparse.Namespace) -> _Run:
     """A ``_Run`` built as ``hypermeta.train`` builds one (the step budget is open-ended)."""
     return build_run(
         model, data=data, steps=10**9, batch_size=BATCH_SIZE,
-        learning_rate=LearningRate(init=args.lr), optimizer="sgd",
+        learning_rate=LearningRate(init=args.lr, bounds=(args.lr, args.lr * (1 + 1e-12))), optimizer="sgd",
         optimizer_options={"momentum": 0.9}, loss_fn=F.cross_entropy, seed=args.seed,
         valid_batch_size=args.valid_batch_size or len(data.valid),
     )
@@ -156,7 +156,7 @@ def plain_mode(run: _Run, horizon: int) -> Callable[[int], None]:
 
 def hyper_mode(run: _Run, estimator: str, horizon: int) -> Callable[[int], None]:
     """Advance ``n`` hyper-steps, each as ``hypermeta._engine._loop`` takes one."""
-    meta = _MetaStep(run.hyper, Hypergradient(estimator=estimator, horizon=horizon, meta_lr=0.0))
+    meta = _MetaStep(run.hyper, Hypergradient(estimator=estimator, horizon=horizon), steps_left=lambda step: 10**9)
     step = 0
 
     def advance(n_windows: int) -> None:
@@ -167,7 +167,7 @@ def hyper_mode(run: _Run, estimator: str, horizon: int) -> Callable[[int], None]
             if problem:
                 raise RuntimeError(f"{estimator} window at step {step}: {problem}")
             window.commit()
-            meta.step(window.moves, segment=run.hyper.segment(step))
+            meta.step(window, segment=run.hyper.segment(step), start=step, end=step + horizon)
             step += horizon
 
     return advance
@@ -259,12 +259,12 @@ def profile(data: Dataset, args: argparse.Namespace, n_windows: int = 30) -> Non
 
 END_TO_END = {  # model, dataset, train() arguments: the committed studies' set-ups at one point of their ranges
     "digits mlp": dict(
-        steps=600, batch_size=32, optimizer="sgd", optimizer_options={"momentum": 0.9},
+        steps=3000, batch_size=32, optimizer="sgd", optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=0.05, scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=1e-4),
     ),
     "mnist1d cnn": dict(
-        steps=400, batch_size=100, optimizer="adam",
+        steps=1500, batch_size=100, optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=1e-2, scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=3e-4, scope="per_group"),
     ),
@@ -306,9 +306,7 @@ def _hand_loop(model: nn.Module, data: Dataset, settings: dict, eval_every: int,
             hypermeta.evaluate(model, data.valid, F.cross_entropy)
 
 
-def end_to_end_modes(
-    name: str, seed: int, valid_batch_size: int | None = None, every: int | None = None
-) -> dict[str, Callable[[], None]]:
+def end_to_end_modes(name: str, seed: int, valid_batch_size: int | None = None) -> dict[str, Callable[[], None]]:
     """A fresh run of every mode, from the same initial model, as a function of nothing."""
     data, settings = end_to_end_data(name, seed), END_TO_END[name]
     steps = settings["steps"]
@@ -332,16 +330,11 @@ def end_to_end_modes(
             )
             for estimator in _ESTIMATORS
         })
-    if every:
-        modes.update({
-            f"{estimator} every {every}": train(Hypergradient(estimator=estimator, every=every))
-            for estimator in ("first_order", "unrolled")
-        })
     return modes
 
 
 def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
-    modes = end_to_end_modes(name, args.seed, args.valid_batch_size, args.every)
+    modes = end_to_end_modes(name, args.seed, args.valid_batch_size)
     times = interleaved_seconds(modes, args.end_to_end_repeats)
     ratios = {
         mode: statistics.median(t / p for t, p in zip(times[mode], times["plain"], strict=True))
@@ -354,7 +347,7 @@ def measure_end_to_end(name: str, args: argparse.Namespace) -> dict:
 def print_end_to_end(rows: list[dict]) -> None:
     estimators = [key for key in rows[0] if key not in ("model", "plain / hand loop", "plain_s")]
     print(f"default Hypergradient(): estimator={Hypergradient().estimator!r}, horizon={Hypergradient().horizon}, "
-          f"valid_batch_size={Hypergradient().valid_batch_size}, every={Hypergradient().every}\n")
+          f"valid_batch_size={Hypergradient().valid_batch_size}\n")
     print("| model | " + " | ".join(f"{e} / plain" for e in estimators)
           + " | plain train() / hand loop | plain train() s |")
     print("|---|" + "---:|" * (len(estimators) + 2))

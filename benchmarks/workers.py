@@ -53,9 +53,7 @@ def build(trial):
     return hypermeta.Setup(
         model=model, data=DATA, steps={steps}, batch_size=32, optimizer_options={{"momentum": 0.9}},
         learning_rate=hypermeta.LearningRate(init=(0.01, 0.3)),
-        hypergradient=hypermeta.Hypergradient(  # as measured
-            horizon=10, meta_lr=0.1, every=1, confirm=False, span=None
-        ),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

@@ -140,7 +140,7 @@ def _enqueue_finish(search: optuna.Study, *, budget: Budget, online: bool, start
     """Queue the finishing run: the best trial's choices for the rest of the budget; False if there is none.
 
     Under a budget of seconds it trains until the budget's deadline, as the defaults arm's run does
-    (a guess of its length from the best trial's pace ended it early, the budget unspent).
+    (guessing its length from the best trial's pace would end it early, leaving budget unspent).
     """
     if not search.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         log(f"{search.study_name}: no trial completed before the finishing run; none was run")
@@ -209,11 +209,9 @@ def long_run(
     torch.manual_seed(seed * 10_000)
     started = time.perf_counter()
     steps = budget.steps or UNTIL_THE_DEADLINE
-    stop_at = started + budget.seconds if budget.seconds else math.inf
     eval_every = evaluation_cadence(setup)  # the study's cadence, not the long run's
     result = dataclasses.replace(setup, steps=steps, eval_every=eval_every).train(
-        initial_values=values, seed=seed * 10_000, device=device,
-        on_evaluation=lambda step, metrics: time.perf_counter() >= stop_at,
+        initial_values=values, seed=seed * 10_000, device=device, seconds=budget.seconds,
     )
     value = float(result.evaluations[study.metric].iloc[-1]) if len(result.evaluations) else math.nan
     test = setup.test_metrics(result, device=device, seed=seed * 10_000)

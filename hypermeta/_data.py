@@ -108,7 +108,7 @@ class Loaders:
     batch size. Training rolls over epochs as needed; every batch is moved to the run's device
     (floating-point tensors also to the model's dtype). Each hypergradient takes its validation
     loss on the next consecutive batches of ``valid`` (epoch after epoch) that hold
-    ``Hypergradient.valid_batch_size`` examples, or on ``Hypergradient.valid_batches`` of them. A
+    at least ``Hypergradient.valid_batch_size`` examples (a whole pass when it is ``None``). A
     ``DataLoader`` with ``persistent_workers=True`` shares one iterator between its passes, so each
     evaluation restarts that stream at the loader's first batches: shuffle such a ``valid`` loader.
 
@@ -172,20 +172,15 @@ class LoaderBatches(_Stream):
 
 
 class JoinedBatches:
-    """Validation batches for hypergradients, joined: ``n`` consecutive batches of a stream, else
-    consecutive batches until they hold ``examples`` examples (one batch at least, as many examples
-    as one pass at most), else a whole pass."""
+    """Validation batches for hypergradients, joined: consecutive batches of a stream until they hold
+    ``examples`` examples (one batch at least, as many examples as one pass at most), else a whole pass."""
 
-    def __init__(
-        self, loader: Iterable, *, n: int | None, examples: int | None, device: torch.device, dtype: torch.dtype,
-    ) -> None:
-        self._loader, self._n, self._examples, self._device, self._dtype = loader, n, examples, device, dtype
+    def __init__(self, loader: Iterable, *, examples: int | None, device: torch.device, dtype: torch.dtype) -> None:
+        self._loader, self._examples, self._device, self._dtype = loader, examples, device, dtype
         self._stream = LoaderBatches(loader, device=device, dtype=dtype, where="valid")
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._n is not None:
-            batches = [self._stream.next() for _ in range(self._n)]
-        elif self._examples is not None:
+        if self._examples is not None:
             batches = [self._stream.next()]
             while (joined := sum(len(y) for _, y in batches)) < self._examples:
                 self._stream.peek()  # the stream learns the size of a pass as it begins the next one

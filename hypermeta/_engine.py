@@ -8,6 +8,7 @@ hyperparameters (in log space) before the next window.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,20 +25,17 @@ from hypermeta._private.denormals import flushing_denormals
 from hypermeta._private.first_order import first_order_window
 from hypermeta._private.greedy import greedy_window
 from hypermeta._private.handoff import Handoff, LossModule, picked
-from hypermeta._private.plain import (
-    load_optimizer_state,
-    optimizer_state,
-    set_values,
-    snapshot,
-    train_step,
-    trained_in_place,
-)
+from hypermeta._private.plain import set_values, snapshot, train_step, trained_in_place
+from hypermeta._private.rprop import Rprop
 from hypermeta._private.unrolled import unrolled_window
 from hypermeta._private.window import Window
 from hypermeta._records import TRAJECTORY_COLUMNS
 
 _ESTIMATORS = {"unrolled": unrolled_window, "first_order": first_order_window, "greedy": greedy_window}
-_META_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+MAX_FAILURES = 5  # windows rejected in a row that end a run with hypergradients as diverged
+JUMPS = (2.0, 4.0)  # a window's training / validation loss may not exceed this times the previous window's ...
+FITTED = 0.1  # ... unless it is below this fraction of the initial loss: the model fits (also the learning rates' pace)
+CUT = 3.0  # a rejected window's learning rates are divided by this
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 _PLAIN_WINDOW = 10
 _OPEN_ENDED = 2**62  # the step budget of a HyperOptimizer run without a schedule
@@ -45,138 +43,54 @@ _OPEN_ENDED = 2**62  # the step budget of a HyperOptimizer run without a schedul
 
 @dataclass(frozen=True, kw_only=True)
 class Hypergradient:
-    """How the differentiable hyperparameters are adapted during training.
+    """How the differentiable hyperparameters follow hypergradients of the validation loss.
+
+    The run is cut into windows of inner steps: 1, 2, 4, ... steps at first, then ``horizon``.
+    At the end of every window the estimator returns d(validation loss)/d(log value) for every
+    learning rate and weight decay, on ``valid_batch_size`` validation examples, and each value
+    moves in log space by a sign step with a step size of its own (Rprop): the step size grows
+    by 1.2 while the hypergradient keeps its sign and halves when it flips, from 0.3 (a factor of
+    1.35) within 0.001..1. Learning rates move at full pace while the training loss is above a
+    tenth of where it started; once the model fits, by at most the window's share of the steps
+    left (the window's length over the steps left), so a look-ahead of a few windows cannot anneal a rate early
+    in a long run but can at its end. A window whose loss is not finite, exceeds the run's limit,
+    or jumps (the training loss more than doubles from the window before, or the validation loss
+    more than quadruples, while above a tenth of where it started) is undone together with the
+    hyper-step that led into it, and the window's learning rates are cut threefold. See
+    docs/estimators.md.
 
     Args:
-        estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps with forward-mode
-            tangents through the weights and the optimizer state, training Hessian dropped;
-            1.10x (digits MLP) and 1.04x (MNIST-1D CNN) plain training end to end with the
-            default ``every=8``, 1.2-1.6x with a hyper-step on every window), ``"unrolled"``
-            (exact: truncated reverse mode through ``horizon`` steps with ``higher``; 1.28x and
-            1.47x, and 2.9-3.5x on every window) or
-            ``"greedy"`` (Baydin et al. 2018: the optimizer state also held fixed). See
-            docs/estimators.md.
-        horizon: K, the inner steps per hyper-step (a window), settling steps included.
-        settle: the window's last steps whose own effect the second estimate leaves out
-            (``None``: half the horizon; ``0``: one estimate, as before). Each window yields
-            two hypergradients of the validation loss at its end: with respect to the values
-            on all its steps, and on all but the settling ones. The first mostly sees the
-            gradient noise of the last steps, which smaller learning rates and larger weight
-            decays always reduce, so on long runs it pulls the rates down (the short-horizon
-            bias); the second misses what the last steps cost, instability included, and so
-            pushes the rates up. A value moves only where the two agree in sign, by the
-            settled one. ``benchmarks/long_run.py`` measures both sides. A window cut short
-            (by an evaluation or the run's end) settles the same fraction of its steps.
-        meta_lr: the meta-optimizer's learning rate, in log space, or a ``(low, high)`` range for
-            Optuna to choose it from in each trial of a study (with Adam, the default 0.1 moves a
-            value by at most about 10% per hyper-step; the digits and MNIST-1D studies' short trials
-            take 0.2 or more). Keep ``meta_lr / horizon`` fixed when changing the horizon to keep the
-            total movement the same.
-        meta_optimizer: ``"adam"`` or ``"sgd"``.
-        max_failures: consecutive rejected hyper-steps (NaN/inf) before the run stops.
+        estimator: ``"first_order"`` (the default: plain ``torch.optim`` steps; the tangents of
+            the weights with respect to each value, the training loss's Hessian dropped, carried
+            over the run so that a hypergradient looks back over about a third of it),
+            ``"unrolled"`` (exact over each window: reverse mode through its steps with
+            ``higher``) or ``"greedy"`` (Baydin et al. 2018: each window's steps with the
+            optimizer state held fixed). All three are exact over one step.
+        horizon: inner steps per window once the first windows have doubled up to it (default
+            40). Longer windows cost less (one validation gradient per window) and move the values
+            less often; the unrolled estimator keeps a window's graph in memory.
         valid_batch_size: validation examples per hypergradient, a fresh random subsample each
-            hyper-step (the whole split when it is smaller); ``None`` uses the whole split. 256
-            costs a quarter of MNIST-1D's 1,000-example split and moved the learned rates no
-            further than the whole split in ``benchmarks/short_horizon.py``. With
+            window (the whole split when it is smaller); ``None`` uses the whole split. With
             :class:`hypermeta.Loaders`, the next consecutive batches of ``valid`` that hold this
-            many examples (one batch at least, one pass at most), unless ``valid_batches`` is given;
-            with a whole pass over its 10,000 validation examples per hyper-step, the streamed
-            study's long adaptive runs took 0.75 of the fixed runs' steps in the same seconds,
-            against 0.86 with 256 (``benchmarks/long_run.py``, docs/benchmarks.md).
-        carry_segments: when a learning-rate schedule segment begins, start it as far (in log
-            space) from its own starting value as the previous segment has moved from its own, so
-            the schedule keeps what hypergradients learned instead of jumping back to ``init``.
-            ``False`` starts every segment at its starting value. Either way a hyper-step moves
-            only the rates of the segment being trained.
-        valid_batches: with :class:`hypermeta.Loaders`, the validation batches per hypergradient
-            (consecutive batches of ``valid``, epoch after epoch); ``None``: as many as hold
-            ``valid_batch_size`` examples, or all of ``valid`` when that is ``None`` too.
-        every: take a hyper-step on one window in ``every`` (the first, then every ``every``-th);
-            the windows between are plain ``torch.optim`` steps at the current values. The cost
-            over plain training shrinks about ``every``-fold, and so does how far the values
-            can move in a given number of steps. The default of 8 (with ``meta_lr=0.1``) is for
-            runs of tens of thousands of steps, where faster movement let the values drift
-            (``benchmarks/long_run.py``, docs/estimators.md); the digits MLP and MNIST-1D studies'
-            short trials take 4 with ``meta_lr=0.2`` (the 35-value study 2 with 0.4), and a short
-            run that must move a value far (a few hundred steps, a rate 10x off) needs ``every=1``,
-            ``meta_lr=0.2`` and ``span=None``.
-        confirm: at each evaluation (the whole validation split), keep what the hyper-steps since
-            the one before (kept or not) moved only if the validation loss did not rise and, for
-            a classifier (a ``valid_accuracy`` measured or reported at both), the accuracy did not
-            fall; else the values and the meta-optimizer's state go back to those kept at the last
-            evaluation, before the next window (a run that stops there ends with the values it
-            reached). A
-            hypergradient sees ``horizon`` steps of the validation loss, an evaluation the whole
-            stretch since the last and the accuracy too: on long runs the values drift where
-            the look-ahead likes them and the run does not (rates down under the short-horizon
-            bias, weight decay up for a lower loss but not a higher accuracy); this kept the
-            rates up and the test accuracy level or ahead on the committed studies, but not a
-            slow rise of the weight decays over MNIST-1D runs of minutes (``benchmarks/long_run.py``,
-            docs/benchmarks.md). In the
-            short trials of a study it slowed adaptation on MNIST-1D (``benchmarks/hypermeta_arm.py``,
-            see docs/estimators.md), so the digits and MNIST-1D studies turn it off. A bare
-            :class:`HyperOptimizer` sees no evaluation and keeps every hyper-step.
-        span: how far hypergradients may move a value from where the run started it, as a
-            factor either way (the default 3: from a third to three times its start), inside its
-            bounds; ``None``: anywhere in the bounds. A hypergradient looks ``horizon`` steps
-            ahead, and over runs of minutes it kept pushing some values in one direction long
-            after the run stopped gaining from it (MNIST-1D at 180 s: a weight decay up 320x, to
-            the top of its range, the accuracy a point behind; ``benchmarks/long_run.py``,
-            docs/benchmarks.md). A start far from good wants a search (``hypermeta run``) or
-            ``span=None``. In a study, each trial's span is around the values Optuna chose for
-            it; the digits and MNIST-1D studies pass ``None``, as they were measured.
+            many examples (one batch at least, one pass at most).
 
     Example:
         >>> import hypermeta
-        >>> hypermeta.Hypergradient(estimator="greedy", horizon=5, meta_lr=0.05).horizon
+        >>> hypermeta.Hypergradient(estimator="greedy", horizon=5).horizon
         5
     """
 
     estimator: str = "first_order"
     horizon: int = 40
-    settle: int | None = None
-    meta_lr: float | tuple[float, float] = 0.1
-    meta_optimizer: str = "adam"
-    max_failures: int = 5
     valid_batch_size: int | None = 256
-    carry_segments: bool = True
-    valid_batches: int | None = None
-    every: int = 8
-    confirm: bool = True
-    span: float | None = 3.0
-
-    @property
-    def settling_steps(self) -> int:
-        """``settle``, or half the horizon when it is ``None``."""
-        return self.horizon // 2 if self.settle is None else self.settle
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, _ESTIMATORS)
-        _one_of("meta_optimizer", self.meta_optimizer, _META_OPTIMIZERS)
-        if not isinstance(self.confirm, bool):
-            raise ValueError(f"confirm must be True or False, got {self.confirm!r}")
-        if self.horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
-        if self.settle is not None and (
-            isinstance(self.settle, bool) or not isinstance(self.settle, int) or not 0 <= self.settle < self.horizon
-        ):
-            raise ValueError(
-                f"settle must be an integer with 0 <= settle < horizon ({self.horizon}), got {self.settle!r}"
-            )
-        if isinstance(self.meta_lr, tuple):
-            if len(self.meta_lr) != 2 or not 0 < self.meta_lr[0] < self.meta_lr[1]:
-                raise ValueError(f"a meta_lr range must be (low, high) with 0 < low < high, got {self.meta_lr}")
-        elif not self.meta_lr >= 0:
-            raise ValueError(f"meta_lr must be >= 0, got {self.meta_lr}")
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
-        if self.span is not None and (
-            isinstance(self.span, bool) or not isinstance(self.span, int | float) or not self.span >= 1
-        ):
-            raise ValueError(f"span must be None or a factor >= 1 (10: from a tenth to ten times the start), "
-                             f"got {self.span!r}")
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ValueError(f"horizon must be an integer >= 1, got {self.horizon!r}")
+        size = self.valid_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"valid_batch_size must be an integer >= 1 or None, got {size!r}")
 
 
 @dataclass
@@ -212,6 +126,7 @@ class _Run:
     valid_batches: Batches
     rows: list[dict] = field(default_factory=list)
     patched: Any = None  # the unrolled estimator's monkey-patched model, made once per run
+    carried: Any = None  # the first-order estimator's tangents, carried from window to window
 
 
 class Diverged(RuntimeError):
@@ -223,14 +138,17 @@ class HyperOptimizer:
 
     Wraps ``model`` in an inner ``torch.optim`` optimizer (one parameter group per layer, as in
     :func:`hypermeta.train`) whose learning rates and weight decays follow hypergradients of the
-    validation loss. Each :meth:`step` does one training step; every ``hypergradient.horizon``
-    steps a window ends, ``valid_loss`` is called, and the hyperparameters move. Without
-    ``hypergradient`` the steps are plain ``torch.optim`` steps at the initial values.
+    validation loss. Each :meth:`step` does one training step; when a window ends (after 1, 2, 4,
+    ... steps, then every ``hypergradient.horizon``), ``valid_loss`` is called and the
+    hyperparameters move. Without ``hypergradient`` the steps are plain ``torch.optim`` steps at
+    the initial values.
 
-    ``steps`` (the run's length) is needed only by learning-rate schedules (``segments > 1``).
-    The divergence guard works as in :func:`hypermeta.train`, with the limit ``max_loss_ratio``
-    times the first step's training loss: a rejected window's steps are undone (weights, buffers,
-    optimizer state), and once the guard gives up :meth:`step` raises :class:`Diverged`.
+    ``steps``, the run's length, paces the learning rates (see :class:`Hypergradient`; without
+    it the run is taken to go on as long again as it has gone) and is needed by learning-rate
+    schedules (``segments > 1``). The divergence guard works as in :func:`hypermeta.train`, with
+    the limit ``max_loss_ratio`` times the first step's training loss: a rejected window's steps
+    are undone (weights, buffers, optimizer state), and once the guard gives up :meth:`step`
+    raises :class:`Diverged`.
 
     Example:
         >>> import torch, torch.nn.functional as F, hypermeta
@@ -244,8 +162,8 @@ class HyperOptimizer:
         ...     x, y = data.train.x[i * 32:(i + 1) * 32], data.train.y[i * 32:(i + 1) * 32]
         ...     loss = hyper.step(lambda m: F.cross_entropy(m(x), y),
         ...                       lambda m: F.cross_entropy(m(data.valid.x), data.valid.y))
-        >>> hyper.steps, hyper.trajectory["step"].unique().tolist()
-        (20, [5, 10, 15, 20])
+        >>> hyper.steps, hyper.trajectory["step"].unique().tolist()  # windows of 1, 2, 4, 5 and 5 steps
+        (20, [1, 3, 7, 12, 17])
         >>> sorted(hyper.hyperparameters)
         ['lr/all/0']
     """
@@ -270,12 +188,12 @@ class HyperOptimizer:
             weight_decay=weight_decay, optimizer=optimizer, optimizer_options=optimizer_options, loss_fn=picked,
             train_batches=self._handoff.train_batches, valid_batches=self._handoff.valid_batches,
         )
-        self._start(run, hypergradient, steps, initial_values)
-        self._max_loss_ratio = max_loss_ratio
+        self._start(run, hypergradient, steps, initial_values, max_loss_ratio)
 
     @classmethod
     def _on_run(
-        cls, run: _Run, *, hypergradient, steps, initial_values, loss_limit: float, plain_window: int
+        cls, run: _Run, *, hypergradient, steps, initial_values, initial_loss: float, max_loss_ratio: float,
+        plain_window: int, seconds: float | None = None,
     ) -> HyperOptimizer:
         """One driven window by window on ``run``'s own batch streams (how :func:`train` uses it).
 
@@ -285,30 +203,57 @@ class HyperOptimizer:
         """
         self = cls.__new__(cls)
         self._handoff = None  # train() drives whole windows itself
-        self._start(run, hypergradient, steps, initial_values, plain_window)
-        self._loss_limit = loss_limit
+        self._start(run, hypergradient, steps, initial_values, max_loss_ratio, plain_window)
+        self._initial_loss = initial_loss
+        if seconds is not None:
+            self._deadline = (time.perf_counter(), seconds)
         return self
 
-    def _start(self, run, hypergradient, steps, initial_values, plain_window: int = _PLAIN_WINDOW) -> None:
+    def _start(
+        self, run, hypergradient, steps, initial_values, max_loss_ratio, plain_window: int = _PLAIN_WINDOW
+    ) -> None:
         self._run, self._hypergradient, self._total = run, hypergradient, steps
-        run.hyper.load_values(initial_values or {})
-        self._meta = _MetaStep(run.hyper, hypergradient) if hypergradient else None
-        self._horizon = hypergradient.horizon if hypergradient else plain_window
-        self._loss_limit = None
+        self._max_loss_ratio = max_loss_ratio
+        self._initial_loss = None  # the validation loss before training (train()), else the first step's loss
         self._failures = 0
-        self._evaluation = None  # (_Evaluation, step) not yet acted on
+        run.hyper.load_values(initial_values or {})
+        self._meta = _MetaStep(run.hyper, hypergradient, self._steps_left) if hypergradient else None
+        self._horizon = hypergradient.horizon if hypergradient else plain_window
+        self._guard = _Guard()
+        self._deadline = None  # (start, seconds) of a run with a time budget
         self._plain = None  # the plain steps of the user's current window
         self._window_start = self._window_end = 0
-        self.steps = 0
+        self._done = 0  # the steps of the windows kept so far
+        self._fed = 0  # the steps fed to the window under way (a loop of the user's own)
         self.rejected_steps = 0
         self.reason: str | None = None
         self.last_train_loss: torch.Tensor | None = None
 
+    def _steps_left(self, step: int) -> float:
+        """The steps the run has left after ``step``: its own count, else as many as so far (an open-ended
+        run), or what its time budget will allow at the pace so far."""
+        left = step if self._total is None else self._total - step
+        if self._deadline is not None:
+            started, seconds = self._deadline
+            elapsed = time.perf_counter() - started
+            if elapsed > 0:
+                left = min(left, step * max(seconds - elapsed, 0.0) / elapsed)
+        return left
+
     def close(self) -> None:
-        """End a window left unfinished (a loop stopped mid-window): its worker thread stops and
-        nothing of the window is committed. Train no further with this HyperOptimizer afterwards."""
+        """End a window left unfinished (a loop stopped mid-window): its worker thread stops and its
+        steps are undone. Train no further with this HyperOptimizer afterwards."""
         if self._handoff is not None:
             self._handoff.close()
+        if self._plain is not None:
+            self._plain.window().rollback()
+            self._plain = None
+
+    @property
+    def steps(self) -> int:
+        """Training steps taken and kept: those of the windows kept and of the window under way."""
+        running = self._handoff is not None and self._handoff.running or self._plain is not None
+        return self._done + (self._fed if running else 0)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -356,20 +301,22 @@ class HyperOptimizer:
 
         if not self._handoff.running and self._plain is None:
             self._begin(self._window_length())
+            self._fed = 0
+        self._fed += 1
         if self._plain is not None:
             self._plain.take((training, None))
             window = self._plain.window() if self._plain.step == self._window_end else None
         else:
             window = self._handoff.feed(training, valid_loss)
-        if self._loss_limit is None:
-            self._loss_limit = self._max_loss_ratio * float(losses[0].detach())
+        if self._initial_loss is None:
+            self._initial_loss = float(losses[0].detach())
         if window is not None:
             self._plain = None
             self._end(window)
         return losses[0].detach()
 
     def _begin(self, n_steps: int) -> None:
-        run, start = self._run, self.steps
+        run, start = self._run, self._done
         self._window_start, self._window_end = start, start + n_steps
         if not run.model.training:
             run.model.train()
@@ -379,8 +326,8 @@ class HyperOptimizer:
             self._handoff.start(lambda: self._meta.window(run, start, n_steps))
 
     def _window_length(self, eval_every: int | None = None) -> int:
-        step = self.steps
-        n_steps = self._horizon
+        step = self._done
+        n_steps = self._meta.window_length() if self._meta else self._horizon
         if self._total is not None:
             n_steps = min(n_steps, self._total - step)
         if eval_every is not None:
@@ -392,53 +339,36 @@ class HyperOptimizer:
     def _advance(self, n_steps: int) -> bool:
         """One whole window on the run's own batches; whether it was kept (else it was undone)."""
         run = self._run
-        self._window_start, self._window_end = self.steps, self.steps + n_steps
+        self._window_start, self._window_end = self._done, self._done + n_steps
         run.model.train()  # evaluation may have left it in eval mode
         if self._meta is None:
-            window = _plain_window(run, self.steps, n_steps)
+            window = _plain_window(run, self._done, n_steps)
         else:
-            window = self._meta.window(run, self.steps, n_steps)
+            window = self._meta.window(run, self._done, n_steps)
         return self._end(window)
-
-    def _evaluated(self, measured: dict[str, float], step: int) -> None:
-        """An evaluation of the model after ``step`` steps (``valid_loss`` and, for a classifier,
-        ``valid_accuracy`` in ``measured``): the values may go back (``Hypergradient.confirm``), at
-        once or, in the middle of a window (a loop of the user's own), when the window ends."""
-        if self._meta is None or measured.get("valid_loss") is None:
-            return
-        self._evaluation = (_Evaluation(measured["valid_loss"], measured.get("valid_accuracy")), step)
-        if not self._in_window():
-            self._confirm()
-
-    def _in_window(self) -> bool:
-        return self._handoff is not None and self._handoff.running  # with hypergradients every window is handed off
-
-    def _confirm(self) -> None:
-        if self._evaluation is not None:
-            self._meta.evaluated(*self._evaluation)
-            self._evaluation = None
 
     def _end(self, window: Window) -> bool:
         """The guard, then the window's record and meta step; whether it was kept."""
         start, end = self._window_start, self._window_end
-        problem = window.problem(self._loss_limit)
+        problem = window.problem(self._max_loss_ratio * self._initial_loss)
+        if not problem and self._meta is not None:
+            problem = self._guard.jump(window, initial=self._initial_loss)
         if problem:
             window.rollback()
             self._failures += 1
             self.rejected_steps += 1
-            if self._meta is None or self._failures > self._hypergradient.max_failures:
+            if self._meta is None or self._failures >= MAX_FAILURES:
                 self.reason = _divergence(problem, start, self._failures)
                 raise Diverged(self.reason)
-            self._meta.reject()
+            self._meta.reject(self._run.hyper.segment(start))
             return False
         window.commit()
         self._failures = 0
+        self._guard.kept(window)
         _record(self._run, end, window)
-        if self._meta and window.moves is not None:
-            self._meta.step(window.moves, segment=self._run.hyper.segment(start))
-        if self._meta:
-            self._confirm()
-        self.steps = end
+        if self._meta and window.hypergradients is not None:
+            self._meta.step(window, segment=self._run.hyper.segment(start), start=start, end=end)
+        self._done = end
         self.last_train_loss = window.train_loss
         return True
 
@@ -463,6 +393,7 @@ def train(
     device: str | torch.device = "cpu",
     on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
     on_steps: Callable[[int], None] | None = None,
+    seconds: float | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` inner steps, adapting its hyperparameters on the way.
 
@@ -473,14 +404,18 @@ def train(
     ``on_evaluation(step, metrics)`` is called after each evaluation on the validation split
     (every ``eval_every`` steps -- by default about 10 times, at window ends -- and at the
     end); returning ``True`` stops the run.
-    ``on_steps(n)`` is told of every ``n`` inner steps done. Test data is never read.
+    ``on_steps(n)`` is told of every ``n`` inner steps done. ``seconds``, a time budget, ends the
+    run at its first evaluation after that many seconds (``steps`` is then the most it may take;
+    a hypergradient run paces its learning rates by the steps the budget leaves at the pace so
+    far). Test data is never read.
 
     Divergence guard: a window whose loss is not finite or above ``max_loss_ratio`` times the
-    initial validation loss, or whose hypergradient is not finite, is rejected; the weights,
-    optimizer state and hyperparameters go back to the last good state and the meta learning
-    rate is halved. After ``hypergradient.max_failures`` rejections in a row (at once without
-    hypergradients) the run ends with ``status="diverged"`` and the reason. Without
-    hypergradients a window runs from one evaluation to the next.
+    initial validation loss, or whose hypergradient is not finite, is rejected: the weights,
+    buffers and optimizer state go back to before it. Without hypergradients the run then ends
+    with ``status="diverged"`` and the reason (a window runs from one evaluation to the next).
+    With them, a window whose loss jumps is rejected too, the hyper-step that led into it is
+    undone and its learning rates are cut threefold (see :class:`Hypergradient`); after 5
+    rejections in a row the run ends as diverged.
 
     While it trains, the CPU flushes denormal floats to zero (``torch.set_flush_denormal``, put
     back after): late in a run they had made steps several times slower (docs/estimators.md).
@@ -493,8 +428,8 @@ def train(
         ...     model, data=hypermeta.datasets.digits(), steps=20, batch_size=32,
         ...     learning_rate=hypermeta.LearningRate(init=0.1),
         ...     hypergradient=hypermeta.Hypergradient(horizon=5))
-        >>> result.status, result.trajectory["step"].unique().tolist()
-        ('completed', [5, 10, 15, 20])
+        >>> result.status, result.trajectory["step"].unique().tolist()  # cut at the evaluations, every 5
+        ('completed', [1, 3, 5, 10, 15, 20])
     """
     check_data(data, batch_size)
     if steps < 1:
@@ -508,17 +443,19 @@ def train(
         weight_decay=weight_decay, optimizer=optimizer, optimizer_options=optimizer_options,
         loss_fn=loss_fn, seed=seed,
         valid_batch_size=(hypergradient and hypergradient.valid_batch_size) or _size(data.valid),
-        valid_batches=hypergradient and hypergradient.valid_batches,
     )
     problem = fit_problem(model, run.train_batches.peek(), loss_fn, "train")
     if problem:
         raise ValueError(problem)
     hyper = HyperOptimizer._on_run(
         run, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
-        loss_limit=max_loss_ratio * evaluate(model, data.valid, loss_fn)["loss"], plain_window=eval_every,
+        initial_loss=evaluate(model, data.valid, loss_fn)["loss"], max_loss_ratio=max_loss_ratio,
+        plain_window=eval_every, seconds=seconds,
     )
+    stop_at = math.inf if seconds is None else time.perf_counter() + seconds
     with flushing_denormals():
-        outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None))
+        outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None),
+                        stop_at)
     return TrainResult(
         model=model,
         optimizer=run.optimizer,
@@ -581,7 +518,7 @@ def train_loop(
         ...     loop, torch.nn.Linear(64, 10), steps=30, learning_rate=hypermeta.LearningRate(init=0.1),
         ...     hypergradient=hypermeta.Hypergradient(horizon=10))
         >>> result.status, result.evaluations.columns.tolist(), result.trajectory["step"].unique().tolist()
-        ('completed', ['step', 'valid_loss'], [10, 20, 30])
+        ('completed', ['step', 'valid_loss'], [1, 3, 7, 15, 25, 30])
     """
     hyper = HyperOptimizer(
         model.to(device), learning_rate=learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
@@ -599,7 +536,6 @@ def train_loop(
         if not math.isfinite(measured.get("valid_loss", 0.0)):
             outcome.end("diverged", f"validation loss is not finite at step {step}")
             raise _StopLoop
-        hyper._evaluated(measured, step)
         if on_evaluation is not None and on_evaluation(step, measured):
             outcome.end("stopped", f"stopped at step {step} by on_evaluation")
             raise _StopLoop
@@ -637,7 +573,7 @@ class _Outcome:
         return self
 
 
-def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluation, on_steps) -> _Outcome:
+def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluation, on_steps, stop_at) -> _Outcome:
     outcome = _Outcome()
     run = hyper._run
     while hyper.steps < steps:
@@ -655,15 +591,16 @@ def _loop(hyper: HyperOptimizer, valid, metrics, steps, eval_every, on_evaluatio
             outcome.evaluations.append(measured)
             if not math.isfinite(measured["valid_loss"]):
                 return outcome.end("diverged", f"validation loss is not finite at step {step}")
-            hyper._evaluated(measured, step)
             if on_evaluation is not None and on_evaluation(step, measured):
                 return outcome.end("stopped", f"stopped at step {step} by on_evaluation")
+            if time.perf_counter() >= stop_at:
+                return outcome
     return outcome
 
 
 def build_run(
     model, *, data, steps, batch_size, learning_rate, optimizer, optimizer_options, weight_decay=None,
-    loss_fn, seed, valid_batch_size=None, valid_batches=None,
+    loss_fn, seed, valid_batch_size=None,
 ) -> _Run:
     """Everything a window needs; ``model`` (and a ``Dataset``'s tensors) already on one device and dtype.
 
@@ -673,7 +610,7 @@ def build_run(
     return _new_run(
         model, parameter_groups(model), steps=steps, learning_rate=learning_rate, weight_decay=weight_decay,
         optimizer=optimizer, optimizer_options=optimizer_options, loss_fn=loss_fn,
-        **_streams(data, batch_size, valid_batch_size, valid_batches, seed, next(model.parameters())),
+        **_streams(data, batch_size, valid_batch_size, seed, next(model.parameters())),
     )
 
 
@@ -693,13 +630,13 @@ def _new_run(
     )
 
 
-def _streams(data, batch_size, valid_batch_size, valid_batches, seed, parameter) -> dict:
+def _streams(data, batch_size, valid_batch_size, seed, parameter) -> dict:
     if isinstance(data, Loaders):
         device, dtype = parameter.device, parameter.dtype
         return {
             "train_batches": LoaderBatches(data.train, device=device, dtype=dtype, where="train"),
             "valid_batches": JoinedBatches(
-                data.valid, n=valid_batches, examples=valid_batch_size, device=device, dtype=dtype,
+                data.valid, examples=valid_batch_size, device=device, dtype=dtype,
             ),
         }
     return {
@@ -727,97 +664,74 @@ def _size(split) -> int | None:
     return len(split) if isinstance(split, Split) else None
 
 
-@dataclass(frozen=True)
-class _Evaluation:
-    """What confirmation compares: the validation loss and, for a classifier, the accuracy."""
+class _Guard:
+    """Remembers the last kept window's losses, against which the next one may not jump."""
 
-    loss: float
-    accuracy: float | None
+    def __init__(self) -> None:
+        self.last: tuple[float, float] | None = None  # training, validation loss of the last kept window
 
-    def no_worse_than(self, other: _Evaluation) -> bool:
-        """The loss no higher and the accuracy (where both have one) no lower."""
-        lower_accuracy = self.accuracy is not None and other.accuracy is not None and self.accuracy < other.accuracy
-        return self.loss <= other.loss and not lower_accuracy
+    def jump(self, window: Window, *, initial: float) -> str | None:
+        """Why ``window``'s losses jumped (``None``: they did not). Before any window was kept, the
+        reference is ``initial``: the validation loss before training (or the first step's loss)."""
+        reference = self.last or (initial, initial)
+        losses = (float(window.train_loss), math.nan if window.valid_loss is None else float(window.valid_loss))
+        for what, loss, before, factor in zip(("training", "validation"), losses, reference, JUMPS, strict=True):
+            if loss > factor * before and loss > FITTED * initial:
+                return f"{what} loss {loss:.4g} jumped above {factor:g}x the previous window's ({before:.4g})"
+        return None
+
+    def kept(self, window: Window) -> None:
+        valid = math.nan if window.valid_loss is None else float(window.valid_loss)
+        self.last = (float(window.train_loss), valid if math.isfinite(valid) else math.inf)
 
 
 class _MetaStep:
-    """The meta-optimizer, with the divergence guard's memory of the last good state."""
+    """The values' moves (Rprop, paced) and what the divergence guard needs to undo the last one."""
 
-    def __init__(self, hyper: HyperParameters, hypergradient: Hypergradient) -> None:
-        self.hyper = hyper
+    def __init__(self, hyper: HyperParameters, hypergradient: Hypergradient, steps_left) -> None:
+        self.hyper, self.horizon, self.steps_left = hyper, hypergradient.horizon, steps_left
         self.estimator = _ESTIMATORS[hypergradient.estimator]
-        if isinstance(hypergradient.meta_lr, tuple):
-            raise ValueError(f"meta_lr={hypergradient.meta_lr} is a search range; give train() a number")
-        self.meta_lr = hypergradient.meta_lr
-        self.carry_segments = hypergradient.carry_segments
-        self.every = hypergradient.every
-        self.horizon, self.settle = hypergradient.horizon, hypergradient.settling_steps
-        self.windows = 0  # begun so far, rejected ones included
-        self.optimizer = _META_OPTIMIZERS[hypergradient.meta_optimizer](hyper.tensors(), lr=self.meta_lr)
-        self.saved = self._save()
-        self.confirm = hypergradient.confirm
-        hyper.hold_within(hypergradient.span)  # so carry_into and restore keep the span too
-        self.last = _Evaluation(math.inf, None)
-        self.confirmed, self.confirmed_in = self.saved, 0
-        self.put_back_into: int | None = None  # the segment whose rates go back before the next window
+        self.rprop = Rprop(hyper.tensors())
+        self.saved = self._save()  # the state before the last hyper-step
+        self.kept = 0  # hyper-steps taken
+        self.first_loss: float | None = None  # the first window's training loss
 
-    def evaluated(self, evaluation: _Evaluation, step: int) -> None:
-        """Keep the values if the evaluation at ``step`` is no worse than the one before, else put
-        back those kept then (see ``Hypergradient.confirm``).
-
-        The values go back when the next window begins: a run that ends here ends with (and
-        reports) the values it reached.
-        """
-        if not self.confirm:
-            return
-        self._put_back()  # a pending put-back first, as an immediate one would have been
-        segment = self.hyper.segment(max(step - 1, 0))  # the values the evaluated model was trained with
-        previous, self.last = self.last, evaluation
-        if evaluation.no_worse_than(previous):
-            self.confirmed, self.confirmed_in = self._save(), segment
-        else:
-            self.put_back_into = segment
-
-    def _put_back(self) -> None:
-        if self.put_back_into is None:
-            return
-        hyper_state, meta_state = self.confirmed
-        self.hyper.restore(
-            hyper_state, saved_in=self.confirmed_in, segment=self.put_back_into, carry=self.carry_segments
-        )
-        load_optimizer_state(self.optimizer, meta_state)
-        self.saved = self._save()
-        self.put_back_into = None
+    def window_length(self) -> int:
+        """1, 2, 4, ... steps for the first windows, then the horizon."""
+        return min(self.horizon, 2 ** min(self.kept, 30))
 
     def window(self, run, step: int, n_steps: int) -> Window:
-        self._put_back()
-        if self.carry_segments:
-            self.hyper.carry_into(step)
-        self.windows += 1
-        if (self.windows - 1) % self.every:
-            return _plain_window(run, step, n_steps)
-        return self.estimator(run, step, n_steps, settle=self.settle * n_steps // self.horizon)
+        self.hyper.carry_into(step)
+        return self.estimator(run, step, n_steps)
 
-    def step(self, hypergradients: list[torch.Tensor], *, segment: int) -> None:
-        """Update the values; of the learning rates only those of ``segment``, the window's."""
+    @torch.no_grad()
+    def step(self, window: Window, *, segment: int, start: int, end: int) -> None:
+        """Move the values; of the learning rates only those of ``segment``, the window's, at their pace."""
         self.saved = self._save()
-        for tensor, grad in zip(self.hyper.tensors(), hypergradients, strict=True):
-            tensor.grad = grad
-        self.optimizer.step()
+        self.kept += 1
+        train_loss = float(window.train_loss)
+        if self.first_loss is None:
+            self.first_loss = train_loss
+        moves = self.rprop.moves(window.hypergradients)
+        if train_loss <= FITTED * self.first_loss:  # once the model fits, learning rates move at the run's pace
+            moves[0] *= min(1.0, (end - start) / max(self.steps_left(end), 1.0))
+        for tensor, move in zip(self.hyper.tensors(), moves, strict=True):
+            tensor += move
         self.hyper.keep_other_segments(self.saved[0], segment)
         self.hyper.project()
 
-    def reject(self) -> None:
-        """Back to the values before the last meta step, with half the meta learning rate."""
-        hyper_state, meta_state = self.saved
+    @torch.no_grad()
+    def reject(self, segment: int) -> None:
+        """Undo the last hyper-step and cut the learning rates of ``segment``."""
+        hyper_state, rprop_state = self.saved
         self.hyper.load_state(hyper_state)
-        load_optimizer_state(self.optimizer, meta_state)
-        self.meta_lr /= 2
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.meta_lr
+        self.rprop.load_state(rprop_state)
+        self.hyper.log_lr[segment] -= math.log(CUT)
+        self.hyper.project()
+        self.saved = self._save()
 
     def _save(self):
-        return self.hyper.state(), optimizer_state(self.optimizer)
+        return self.hyper.state(), self.rprop.state()
 
 
 def _to_next_segment(hyper: HyperParameters, step: int) -> int:
@@ -855,7 +769,7 @@ def _plain_window(run: _Run, start: int, n_steps: int) -> Window:
 
 
 def _record(run: _Run, step: int, window: Window) -> None:
-    grads = window.moves
+    grads = window.hypergradients
     valid_loss = float("nan") if window.valid_loss is None else float(window.valid_loss)
     train_loss = float(window.train_loss)
     leaves = run.hyper.tensors()

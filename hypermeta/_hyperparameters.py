@@ -25,8 +25,8 @@ class LearningRate:
         scope: ``"global"`` (one rate for the whole model) or ``"per_group"`` (one per layer /
             parameter group).
         segments: number of piecewise-constant schedule segments over the training budget;
-            each segment is a separate hyperparameter (by default starting from where the
-            previous one ended: see ``Hypergradient.carry_segments``).
+            each segment is a separate hyperparameter, and each starts as far (in log space)
+            from its starting value as the previous segment has moved from its own.
         bounds: ``(low, high)``, where hypergradients may move the rate; defaults to the
             ``init`` range when there is one (the values a search would try), else ``(1e-6, 10)``.
 
@@ -99,7 +99,7 @@ class HyperParameters:
     ``log_lr`` has shape ``(segments, groups)`` (``groups`` is 1 for a global rate) and
     ``log_weight_decay`` has shape ``(groups,)`` or is ``None``. ``start`` keeps the starting
     values (after :meth:`load_values`), from which :meth:`carry_into` measures what a segment
-    learned and :meth:`project` how far a value moved.
+    learned.
     """
 
     def __init__(
@@ -136,7 +136,6 @@ class HyperParameters:
                 (n_wd,), math.log(weight_decay.init), dtype=dtype, device=device
             ).requires_grad_()
         self.start = self.state()
-        self.span: float | None = None  # see hold_within
 
     def tensors(self) -> list[torch.Tensor]:
         """The leaves the meta-optimizer updates."""
@@ -157,7 +156,7 @@ class HyperParameters:
         Each segment starts as far (in log space) from its own starting value as the previous
         segment has moved from its starting value, so what hypergradients learned carries over
         the boundary instead of the rate jumping back. Elsewhere this does nothing; it may be
-        called again after the divergence guard restored the previous segment.
+        called again after the divergence guard undid the segment's first window.
         """
         segment = self.segment(step)
         if segment == 0 or self.segment_start(segment) != step:
@@ -170,28 +169,12 @@ class HyperParameters:
     def keep_other_segments(self, state: list[torch.Tensor], segment: int) -> None:
         """Put back, from ``state``, the learning rates of every segment but ``segment``.
 
-        The meta-optimizer's momentum would otherwise keep moving a segment after it ended,
-        away from the values that were used in training.
+        A hyper-step thus changes only the segment the window trained; the others keep the values
+        that were used in training.
         """
         saved = state[0]
         others = torch.arange(len(saved), device=saved.device) != segment
         self.log_lr[others] = saved[others]
-
-    @torch.no_grad()
-    def restore(self, state: list[torch.Tensor], *, saved_in: int, segment: int, carry: bool) -> None:
-        """Put back the values of ``state``, saved while segment ``saved_in`` was trained, into ``segment``.
-
-        The weight decays come back as saved. The rates of ``segment`` come back as far from their
-        starting value as the saved segment's were from its own (with ``carry``; without it, and
-        another segment saved, they stay). Every other segment keeps its rates.
-        """
-        if saved_in == segment:
-            self.log_lr[segment] = state[0][segment]
-        elif carry:
-            self.log_lr[segment] = self.start[0][segment] + state[0][saved_in] - self.start[0][saved_in]
-        if self.log_weight_decay is not None:
-            self.log_weight_decay.copy_(state[1])
-        self.project()
 
     def lrs(self, step: int) -> list[torch.Tensor]:
         """Per-group learning rates (differentiable) for inner step ``step``."""
@@ -209,18 +192,11 @@ class HyperParameters:
             return lrs, None
         return lrs, self._per_group(self.log_weight_decay.exp().tolist())
 
-    def override(self, step: int, leaves: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
-        """``higher``-style override of the optimizer settings for inner step ``step``.
-
-        ``leaves``: tensors shaped as :meth:`tensors` to take the values from instead (copies
-        whose gradients are kept apart).
-        """
-        log_lr, log_weight_decay = self.log_lr, self.log_weight_decay
-        if leaves is not None:
-            log_lr, log_weight_decay = leaves[0], (leaves[1] if log_weight_decay is not None else None)
-        override = {"lr": self._per_group(log_lr[self.segment(step)].exp())}
-        if log_weight_decay is not None:
-            override["weight_decay"] = self._per_group(log_weight_decay.exp())
+    def override(self, step: int) -> dict[str, list[torch.Tensor]]:
+        """``higher``-style override of the optimizer settings for inner step ``step``."""
+        override = {"lr": self._per_group(self.log_lr[self.segment(step)].exp())}
+        if self.log_weight_decay is not None:
+            override["weight_decay"] = self._per_group(self.log_weight_decay.exp())
         return override
 
     def _per_group(self, values):
@@ -229,18 +205,12 @@ class HyperParameters:
             return [values[0]] * len(self.group_names)
         return list(values)
 
-    def hold_within(self, span: float | None) -> None:
-        """From now on :meth:`project` also keeps every value within a factor ``span`` of its start."""
-        self.span = span
-
     @torch.no_grad()
     def project(self) -> None:
-        """Clamp every value into its bounds and within a factor ``span`` of its start (:meth:`hold_within`)."""
+        """Clamp every value into its bounds."""
         specs = [spec for spec in (self.learning_rate, self.weight_decay) if spec is not None]
-        for tensor, start, spec in zip(self.tensors(), self.start, specs, strict=True):
+        for tensor, spec in zip(self.tensors(), specs, strict=True):
             tensor.clamp_(*(math.log(b) for b in spec.bounds))
-            if self.span is not None:
-                tensor.clamp_(start - math.log(self.span), start + math.log(self.span))
 
     def entries(self) -> list[tuple[str, str, int, torch.Tensor, int]]:
         """Every scalar hyperparameter as ``(name, group, segment, log-tensor, flat index)``."""

@@ -368,6 +368,9 @@ def _check_warm_start(setup: Setup | EpisodicSetup, warm: dict, flag: str = "--w
 
 
 UNTIL_THE_DEADLINE = 10**9  # the steps of a run that a deadline ends
+# A trial's second surplus check waits this long: another worker's insert of a trial that started at
+# the same moment can take longer to show than a trial's first window of one step.
+SURPLUS_RECHECK_SECONDS = 0.5
 
 
 class TrialRunner:
@@ -392,7 +395,8 @@ class TrialRunner:
         self.progress = progress or _Progress(0, quiet=True)
         self.start, self.target, self.deadline = start, target, deadline
         self.finished, self.failures, self.fatal = 0, [], None
-        self._rechecked = None  # the trial whose first steps were followed by the second surplus check
+        self._rechecked = None  # the trial that had its second surplus check
+        self._trial_started = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -446,6 +450,7 @@ class TrialRunner:
         finish = trial.user_attrs.get(FINISH)
         if finish is None:
             self._drop_if_surplus(trial, "not run")
+        self._trial_started = time.perf_counter()
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
@@ -453,21 +458,26 @@ class TrialRunner:
             raise TypeError(f"build returned {type(setup).__name__}, not a hypermeta.Setup")
         start = finish["start"] if finish is not None else self.start
         setup, initial_values = resolve(setup, trial, online=self.online, start=start)
-        deadline = self.deadline
+        budget = {}
         if finish is not None:  # as long as it says, at the set-up's own cadence; never pruned
             cadence = evaluation_cadence(setup)
             steps = UNTIL_THE_DEADLINE if finish["steps"] is None else finish["steps"]
             setup = dataclasses.replace(setup, steps=steps, eval_every=cadence)
-            deadline = None if finish["seconds"] is None else time.perf_counter() + finish["seconds"]
+            if finish["seconds"] is not None:
+                budget = {"seconds": finish["seconds"]}
         self.progress.start_trial(setup.steps if setup.steps < UNTIL_THE_DEADLINE else None)
         started = time.perf_counter()
         result = setup.train(
             initial_values=initial_values, seed=seed, device=self.device,
             on_steps=lambda n: self._on_steps(trial, n, surplus_check=finish is None),
             on_evaluation=lambda step, metrics: self._report(
-                trial, step, metrics, setup.steps, deadline=deadline, prune=finish is None),
+                trial, step, metrics, setup.steps, deadline=self.deadline if finish is None else None,
+                prune=finish is None),
+            **budget,
         )
         trial.set_user_attr(SECONDS, time.perf_counter() - started)
+        if finish is None:
+            self._recheck_surplus(trial, result.steps)
         self._store(trial, result)
         if result.status != "completed" and not (finish is not None and result.status == "stopped"):
             self.finished += 1
@@ -481,9 +491,10 @@ class TrialRunner:
     def _drop_if_surplus(self, trial: optuna.Trial, what: str) -> None:
         """End ``trial`` if ``target`` trials started before it.
 
-        Checked as it starts and again after its first steps (a window): a trial another worker
-        created at the same moment may have started first (``datetime_start`` is taken before the
-        insert) but reached the storage only after this trial's first check.
+        Checked as it starts and again once it has trained for ``SURPLUS_RECHECK_SECONDS`` (or as it
+        ends, if sooner): a trial another worker created at the same moment may have started first
+        (``datetime_start`` is taken before the insert) but reached the storage only after this
+        trial's first check.
         """
         if self.target is not None and _taken_before(trial) >= self.target:
             trial.study.stop()
@@ -492,11 +503,15 @@ class TrialRunner:
             raise SurplusTrial(reason)
 
     def _on_steps(self, trial: optuna.Trial, n_steps: int, *, surplus_check: bool) -> None:
-        """After the first steps of a trial, the second surplus check; then the progress bar."""
-        if surplus_check and self._rechecked != trial.number:
+        """The second surplus check once the trial has trained a while; then the progress bar."""
+        if surplus_check and time.perf_counter() - self._trial_started >= SURPLUS_RECHECK_SECONDS:
+            self._recheck_surplus(trial, n_steps)
+        self.progress.steps(n_steps)
+
+    def _recheck_surplus(self, trial: optuna.Trial, n_steps: int) -> None:
+        if self._rechecked != trial.number:
             self._rechecked = trial.number
             self._drop_if_surplus(trial, f"stopped after {n_steps} steps")
-        self.progress.steps(n_steps)
 
     def _report(
         self, trial: optuna.Trial, step: int, metrics: dict[str, float], steps: int, *, deadline: float | None,

@@ -157,8 +157,8 @@ class Study:
     """A study: its name, what to optimize, how many trials, and how to build each trial's run.
 
     Inside ``build(trial)`` plain ``trial.suggest_*`` calls choose what is not differentiable
-    (width, depth, batch size, optimizer, horizon, estimator, meta learning rate, initial values
-    of the differentiable hyperparameters); hypergradients adapt the rest during each run.
+    (width, depth, batch size, optimizer, estimator, initial values of the differentiable
+    hyperparameters); hypergradients adapt the rest during each run.
 
     Args:
         name: the study's name in the storage.
@@ -215,10 +215,10 @@ def resolve(
     """Let ``trial`` choose what ``setup`` leaves to the search; returns it and initial values.
 
     ``online``: each ``init=(low, high)`` range becomes one parameter (``lr_init``,
-    ``weight_decay_init``) and ``meta_lr=(low, high)`` becomes ``meta_lr``; hypergradients then
-    move the values during training. Otherwise (black-box search) every entry -- each group and
-    schedule segment -- becomes its own parameter over the init range (the bounds where the init
-    is a fixed number), held fixed during the run, and hypergradients are switched off.
+    ``weight_decay_init``); hypergradients then move the values during training. Otherwise
+    (black-box search) every entry -- each group and schedule segment -- becomes its own parameter
+    over the init range (the bounds where the init is a fixed number), held fixed during the run,
+    and hypergradients are switched off.
 
     ``start`` (online only; a warm start) gives entries their initial values: the entries of this
     setup with the same key -- same layer names and segments -- start there, and a kind whose
@@ -279,15 +279,10 @@ def _suggest_online(setup: Setup, trial: optuna.Trial, *, skip: set[str]) -> Set
             return dataclasses.replace(spec, init=geometric_middle(*spec.init))
         return dataclasses.replace(spec, init=trial.suggest_float(name, *spec.init, log=True))
 
-    hypergradient = setup.hypergradient
-    if hypergradient is not None and isinstance(hypergradient.meta_lr, tuple):
-        meta_lr = trial.suggest_float("meta_lr", *hypergradient.meta_lr, log=True)
-        hypergradient = dataclasses.replace(hypergradient, meta_lr=meta_lr)
     return dataclasses.replace(
         setup,
         learning_rate=choose(setup.learning_rate, "lr_init"),
         weight_decay=choose(setup.weight_decay, "weight_decay_init"),
-        hypergradient=hypergradient,
     )
 
 

@@ -34,11 +34,7 @@ def build(trial):
         optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0), scope="per_group", segments=6),
         weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2), scope="per_group"),
-        # windows of 20 steps (the last 10 settling), a hyper-step on one in two with a meta learning
-        # rate of 0.4: a trial of 1,800 steps is short and has 35 values to move (every=4 and 0.2
-        # reached TPE's best later, docs/benchmarks.md); no confirmation by the evaluations, which
-        # slowed short trials (docs/estimators.md), and no span: the values go anywhere in the ranges
-        hypergradient=hypermeta.Hypergradient(horizon=20, every=2, meta_lr=0.4, confirm=False, span=None),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

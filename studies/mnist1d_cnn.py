@@ -34,11 +34,7 @@ def build(trial):
         optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=(1e-4, 1e-1), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2), scope="per_group"),
-        # a hyper-step on one window in four with a meta learning rate of 0.2: a 3,000-step trial
-        # moves its values faster than the defaults (every=8, 0.1, made for long runs) would;
-        # confirmation by the evaluations and a span help long runs, but confirmation slowed these
-        # short trials (docs/estimators.md) and the study was measured without either
-        hypergradient=hypermeta.Hypergradient(every=4, meta_lr=0.2, confirm=False, span=None),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

@@ -5,16 +5,17 @@
 The examples are made once, offline, from the MNIST-1D templates (``mnist1d.data.make_dataset``,
 10,000 at a time) and cached in ``.hypermeta/data/mnist1d-120000-seed0/`` (19 MB; about 40 s on
 one core the first time); training batches of 128 read their own rows of the memory-mapped file,
-so the data is never in memory whole. 100,000 examples train, 10,000 validate (two batches of
+so the data is never in memory whole. 100,000 examples train, 10,000 validate (the next batch of
 1,000 per hypergradient, all of them at each evaluation) and 10,000 test.
 
 The model is the MNIST-1D CNN (three stride-2 convolutions) with BatchNorm after each
-convolution: its running statistics are carried through the unrolled windows and written back.
+convolution: its running statistics are updated by the training steps and put back with the weights
+when the divergence guard undoes a window.
 Optuna chooses the width and the initial per-layer learning rates and weight decays, from the wide
 ranges a user writes before knowing the answer (learning rate 1e-4..1e-1, weight decay
-1e-7..1e-2); hypergradients (horizon 20) move them during each run of 1,500 Adam steps (about two
-epochs). It is compared with one long finishing run of the best trial's choices for the last three
-quarters of the budget (docs/benchmarks.md):
+1e-7..1e-2); hypergradients move them during each run of 1,500 Adam steps (about two epochs). It is
+compared with one long finishing run of the best trial's choices for the last three quarters of the
+budget (docs/benchmarks.md):
 
     hypermeta compare studies/mnist1d_stream.py --budget-seconds 120 --finish 0.75
 """
@@ -47,9 +48,7 @@ def build(trial):
         optimizer="adam",
         learning_rate=hypermeta.LearningRate(init=(1e-4, 1e-1), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-7, 1e-2), scope="per_group"),
-        # the default hyper-step cadence, confirmation and span: cheap in the search's short trials,
-        # and made for the long finishing run (`hypermeta compare --finish`, docs/benchmarks.md)
-        hypergradient=hypermeta.Hypergradient(horizon=20, meta_lr=(0.005, 0.05), valid_batches=2),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

@@ -31,6 +31,15 @@ def small_digits(digits) -> hypermeta.Dataset:
     )
 
 
+def pinned(spec):
+    """``spec`` whose value cannot move: its bounds are the value and one part in 10^12 above it.
+
+    Hypergradients are still computed, so a run with them must train exactly as the plain run.
+    """
+    return type(spec)(init=spec.init, scope=spec.scope, bounds=(spec.init, spec.init * (1 + 1e-12)),
+                      **({"segments": spec.segments} if isinstance(spec, hypermeta.LearningRate) else {}))
+
+
 def mlp(*, hidden: int = 16, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import hypermeta
+from tests.conftest import pinned
 
 
 def bn_model(*, dropout=0.0, seed=0, dtype=torch.float64):
@@ -39,7 +40,7 @@ def plain_torch(data, steps, lr, options):
 
 
 @pytest.mark.parametrize("hypergradient", [None, "unrolled", "first_order", "greedy"])
-def test_meta_lr_zero_over_a_dataloader_is_plain_torch(small_digits, hypergradient):
+def test_values_that_cannot_move_over_a_dataloader_are_plain_torch(small_digits, hypergradient):
     """Weights and running statistics equal a torch.optim loop over the same DataLoader batches."""
     steps, lr, options = 17, 0.05, {"momentum": 0.9}
     expected = plain_torch(small_digits, steps, lr, options)
@@ -47,8 +48,9 @@ def test_meta_lr_zero_over_a_dataloader_is_plain_torch(small_digits, hypergradie
                                                                               small_digits.valid.y)])
     result = hypermeta.train(
         bn_model(), data=data, steps=steps, optimizer_options=options,
-        learning_rate=hypermeta.LearningRate(init=lr, scope="per_group"), weight_decay=hypermeta.WeightDecay(init=1e-3),
-        hypergradient=hypergradient and hypermeta.Hypergradient(estimator=hypergradient, horizon=5, meta_lr=0.0),
+        learning_rate=pinned(hypermeta.LearningRate(init=lr, scope="per_group")),
+        weight_decay=pinned(hypermeta.WeightDecay(init=1e-3)),
+        hypergradient=hypergradient and hypermeta.Hypergradient(estimator=hypergradient, horizon=5),
         eval_every=10,
     )
     assert result.status == "completed" and result.steps == steps
@@ -67,7 +69,7 @@ def test_guard_restores_running_statistics(small_digits, hypergradient):
     result = hypermeta.train(
         model, data=small_digits, steps=20, batch_size=16, learning_rate=hypermeta.LearningRate(init=0.05),
         max_loss_ratio=0.5,  # every window's training loss is above half the initial validation loss
-        hypergradient=hypergradient and hypermeta.Hypergradient(estimator=hypergradient, horizon=5, max_failures=0),
+        hypergradient=hypergradient and hypermeta.Hypergradient(estimator=hypergradient, horizon=5),
     )
     assert result.status == "diverged" and result.steps == 0
     for key, value in result.model.state_dict().items():

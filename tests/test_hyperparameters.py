@@ -17,18 +17,11 @@ from hypermeta._hyperparameters import HyperParameters
         (lambda: hypermeta.LearningRate(init=0.1, segments=0), "segments must be an integer"),
         (lambda: hypermeta.WeightDecay(init=2.0), "outside its bounds"),
         (lambda: hypermeta.Hypergradient(estimator="implicit"), "estimator must be one of"),
-        (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be >= 1"),
-        (lambda: hypermeta.Hypergradient(meta_lr=-1.0), "meta_lr must be >= 0"),
-        (lambda: hypermeta.Hypergradient(every=0), "every must be an integer >= 1"),
-        (lambda: hypermeta.Hypergradient(confirm="always"), "confirm must be True or False"),
-        (lambda: hypermeta.Hypergradient(confirm=1), "confirm must be True or False"),
-        (lambda: hypermeta.Hypergradient(confirm=None), "confirm must be True or False"),
-        (lambda: hypermeta.Hypergradient(horizon=8, settle=8), "settle must be an integer with 0 <= settle < horizon"),
-        (lambda: hypermeta.Hypergradient(settle=-1), "settle must be"),
-        (lambda: hypermeta.Hypergradient(settle=2.5), "settle must be"),
-        (lambda: hypermeta.Hypergradient(span=0.5), "span must be None or a factor >= 1"),
-        (lambda: hypermeta.Hypergradient(span="10"), "span must be None or a factor >= 1"),
-        (lambda: hypermeta.Hypergradient(span=True), "span must be None or a factor >= 1"),
+        (lambda: hypermeta.Hypergradient(horizon=0), "horizon must be an integer >= 1"),
+        (lambda: hypermeta.Hypergradient(horizon=2.5), "horizon must be an integer >= 1"),
+        (lambda: hypermeta.Hypergradient(horizon=True), "horizon must be an integer >= 1"),
+        (lambda: hypermeta.Hypergradient(valid_batch_size=0), "valid_batch_size must be an integer >= 1 or None"),
+        (lambda: hypermeta.Hypergradient(valid_batch_size=64.0), "valid_batch_size must be an integer >= 1"),
     ],
 )
 def test_invalid_specs_are_rejected(make, message):
@@ -36,10 +29,10 @@ def test_invalid_specs_are_rejected(make, message):
         make()
 
 
-def test_the_defaults_are_those_the_long_runs_were_measured_with():
-    """docs/benchmarks.md's long runs measure ``Hypergradient()``: these values, confirmation on."""
-    default = hypermeta.Hypergradient()
-    assert (default.confirm, default.every, default.meta_lr, default.span) == (True, 8, 0.1, 3.0)
+def test_hypergradient_has_three_arguments_and_the_defaults_the_benchmarks_measured():
+    """docs/benchmarks.md measures ``Hypergradient()``; everything else is derived from the run."""
+    fields = {field.name: field.default for field in dataclasses.fields(hypermeta.Hypergradient)}
+    assert fields == {"estimator": "first_order", "horizon": 40, "valid_batch_size": 256}
 
 
 def _hyper(segments=4, total_steps=100):
@@ -65,23 +58,6 @@ def test_projection_clamps_into_bounds_in_log_space():
     hyper.project()
     values = hyper.values()
     assert math.isclose(values["lr/a/0"], 1.0) and math.isclose(values["weight_decay/all"], 1e-4)
-
-
-def test_projection_with_a_span_keeps_each_value_within_that_factor_of_its_own_start():
-    hyper = _hyper()
-    hyper.load_values({"lr/a/0": 0.05, "lr/b/0": 0.8})
-    with torch.no_grad():
-        hyper.log_lr += math.log(4.0)
-        hyper.log_weight_decay -= math.log(4.0)
-    hyper.project()  # no span: only the bounds
-    assert hyper.values()["lr/a/0"] == pytest.approx(0.2)
-    hyper.hold_within(2.0)
-    hyper.project()
-    values = hyper.values()
-    assert values["lr/a/0"] == pytest.approx(0.1)  # twice its start
-    assert values["lr/b/0"] == pytest.approx(1.0)  # its bound, before twice its start
-    assert values["lr/a/1"] == pytest.approx(0.2)  # twice the init
-    assert values["weight_decay/all"] == pytest.approx(5e-4)  # half its start
 
 
 def test_override_gives_one_value_per_group_for_the_current_segment():
@@ -129,36 +105,11 @@ def test_carry_into_shifts_a_new_segment_by_what_the_previous_one_learned():
         hyper.log_lr[0] += torch.tensor([math.log(0.5), math.log(2.0)], dtype=torch.float64)
     hyper.carry_into(10)  # not a segment's first step: nothing moves
     assert hyper.values()["lr/a/1"] == pytest.approx(0.2)
-    for _ in range(2):  # again after the divergence guard restored the state: the same result
+    for _ in range(2):  # again after the divergence guard undid the segment's first window: the same result
         hyper.carry_into(25)
         values = hyper.values()
         assert values["lr/a/1"] == pytest.approx(0.1) and values["lr/b/1"] == pytest.approx(0.2)
     assert values["lr/a/2"] == pytest.approx(0.1)  # later segments wait for their own start
-
-
-def test_restore_puts_back_the_saved_values_of_the_segment_in_force_and_leaves_ended_ones():
-    hyper = _hyper()
-    with torch.no_grad():
-        hyper.log_lr[0] += math.log(2.0)
-        hyper.log_weight_decay += math.log(3.0)
-    saved = hyper.state()  # rates 0.2, weight decay 3e-3, in segment 0
-    with torch.no_grad():
-        hyper.log_lr[:2] += math.log(1.5)
-        hyper.log_weight_decay -= math.log(2.0)
-
-    hyper.restore(saved, saved_in=0, segment=0, carry=True)
-    values = hyper.values()
-    assert values["lr/a/0"] == pytest.approx(0.2) and values["weight_decay/all"] == pytest.approx(3e-3)
-    assert values["lr/a/1"] == pytest.approx(0.15)  # another segment's rates stay
-
-    with torch.no_grad():
-        hyper.log_lr[0] += math.log(1.5)
-    hyper.restore(saved, saved_in=0, segment=1, carry=True)
-    values = hyper.values()
-    assert values["lr/a/0"] == pytest.approx(0.3)  # an ended segment keeps what it was trained with
-    assert values["lr/b/1"] == pytest.approx(0.2)  # 2x its start, as the saved segment was
-    hyper.restore(saved, saved_in=0, segment=2, carry=False)
-    assert hyper.values()["lr/b/2"] == pytest.approx(0.1)
 
 
 def test_carry_into_keeps_the_new_segment_inside_the_bounds():
@@ -174,14 +125,14 @@ def test_a_search_range_is_where_hypergradients_may_move_the_value_unless_bounds
     assert hypermeta.WeightDecay(init=(1e-9, 1e-2)).bounds == (1e-9, 1e-2)
     assert hypermeta.LearningRate(init=0.1).bounds == (1e-6, 10.0)
     assert hypermeta.LearningRate(init=(1e-3, 1.0), bounds=(1e-4, 5.0)).bounds == (1e-4, 5.0)
-    # a trial's chosen start keeps the range as its bounds: a huge meta step stops at one end (no
-    # span, which would stop it at 0.033 on the way down)
-    spec = dataclasses.replace(hypermeta.LearningRate(init=(0.01, 0.2)), init=0.1)
+    # a trial's chosen start keeps the range as its bounds: the values never leave it
+    spec = dataclasses.replace(hypermeta.LearningRate(init=(0.15, 0.2)), init=0.2)
     result = hypermeta.train(
-        torch.nn.Linear(64, 10), data=small_digits, steps=20, batch_size=16, learning_rate=spec,
-        hypergradient=hypermeta.Hypergradient(horizon=5, settle=0, meta_optimizer="sgd", meta_lr=1e6, span=None),
+        torch.nn.Linear(64, 10), data=small_digits, steps=200, batch_size=16, learning_rate=spec,
+        hypergradient=hypermeta.Hypergradient(horizon=5),
     )
-    assert result.trajectory["value"].iloc[-1] in (pytest.approx(0.01), pytest.approx(0.2))
+    values = result.trajectory["value"]
+    assert values.between(0.15 * (1 - 1e-6), 0.2 * (1 + 1e-6)).all() and values.nunique() > 1
 
 
 def test_keep_other_segments_restores_every_segment_but_the_given_one():

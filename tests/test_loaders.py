@@ -44,7 +44,7 @@ def test_dataloader_run_trains_with_hypergradients(digits):
     result = hypermeta.train(
         mlp(), data=loaders(digits_pairs(digits)), steps=60,
         learning_rate=hypermeta.LearningRate(init=0.1), eval_every=30,
-        hypergradient=hypermeta.Hypergradient(horizon=10, valid_batches=2, every=1),
+        hypergradient=hypermeta.Hypergradient(horizon=10),
     )
     assert result.status == "completed" and result.steps == 60
     assert result.evaluations["step"].tolist() == [30, 60]
@@ -52,14 +52,13 @@ def test_dataloader_run_trains_with_hypergradients(digits):
     assert result.trajectory["hypergradient"].notna().all()
 
 
-@pytest.mark.parametrize(("valid_batch_size", "valid_batches", "n_batches", "joined"), [
-    (20, None, 4, 21),  # consecutive batches of 7 until they hold 20 examples
-    (20, None, 2, 14),  # never more than one pass
-    (None, None, 4, 28),  # all of valid
-    (8, 2, 4, 14),  # valid_batches decides
+@pytest.mark.parametrize(("valid_batch_size", "n_batches", "joined"), [
+    (20, 4, 21),  # consecutive batches of 7 until they hold 20 examples
+    (20, 2, 14),  # never more than one pass
+    (None, 4, 28),  # all of valid
 ])
 def test_a_hypergradient_takes_its_validation_loss_on_the_loader_batches_that_hold_valid_batch_size(
-        digits, valid_batch_size, valid_batches, n_batches, joined):
+        digits, valid_batch_size, n_batches, joined):
     sizes = []
 
     def loss(output, targets):
@@ -69,9 +68,8 @@ def test_a_hypergradient_takes_its_validation_loss_on_the_loader_batches_that_ho
     valid = [(digits.valid.x[i : i + 7], digits.valid.y[i : i + 7]) for i in range(0, 7 * n_batches, 7)]
     hypermeta.train(
         mlp(), data=hypermeta.Loaders(train=[(digits.train.x[:10], digits.train.y[:10])], valid=valid),
-        steps=10, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=10,
-        hypergradient=hypermeta.Hypergradient(
-            horizon=10, every=1, valid_batch_size=valid_batch_size, valid_batches=valid_batches),
+        steps=1, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=1,
+        hypergradient=hypermeta.Hypergradient(valid_batch_size=valid_batch_size),
     )
     whole = 7 * n_batches  # the evaluations at the start (the divergence guard's reference) and the end
     assert [size for size in sizes if size != 10] == [whole, joined, whole]  # the hyper-step between them
@@ -104,9 +102,9 @@ def test_each_hyper_step_takes_the_next_validation_batches_and_one_pass_at_most(
     hypermeta.train(
         mlp(), data=hypermeta.Loaders(train=[(digits.train.x[:10], digits.train.y[:10])],
                                       valid=valid if sized else _Unsized(valid)),
-        steps=40, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=40,
-        hypergradient=hypermeta.Hypergradient(horizon=10, every=1, valid_batch_size=valid_batch_size),
-    )
+        steps=15, loss_fn=loss, learning_rate=hypermeta.LearningRate(init=0.1), eval_every=15,
+        hypergradient=hypermeta.Hypergradient(horizon=10, valid_batch_size=valid_batch_size),
+    )  # windows of 1, 2, 4 and 8 steps
     hyper_steps = [targets for targets in taken if len(targets) != 10][1:-1]  # between the two evaluations
     assert len(hyper_steps) == 4
     for got, batches in zip(hyper_steps, joined, strict=True):

@@ -20,7 +20,7 @@ def build(trial):
         model=model, data=DATA, steps=40, batch_size=32, optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=(0.01, 0.5), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-5, 1e-2)),
-        hypergradient=hypermeta.Hypergradient(horizon=10, meta_lr=0.1),
+        hypergradient=hypermeta.Hypergradient(horizon=10),
     )
 
 

@@ -31,7 +31,7 @@ def build(trial):
     return hypermeta.Setup(
         model=model, data=DATA, steps=STEPS, batch_size=32, optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=(0.01, 0.3)),
-        hypergradient=hypermeta.Hypergradient(estimator="unrolled", horizon=10, meta_lr=0.1),  # slow enough to kill
+        hypergradient=hypermeta.Hypergradient(estimator="unrolled", horizon=10),  # slow enough to kill
     )
 
 

@@ -15,12 +15,7 @@ def build(trial):
         optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=(1e-3, 1.0), scope="per_group"),
         weight_decay=hypermeta.WeightDecay(init=(1e-6, 1e-2)),
-        # exact unrolls on the whole validation split, a hyper-step on every window, every one
-        # kept: the committed results were measured with these
-        hypergradient=hypermeta.Hypergradient(
-            estimator="unrolled", valid_batch_size=None, horizon=20, meta_lr=0.1, every=1, confirm=False,
-            span=None,
-        ),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

@@ -25,12 +25,7 @@ def build(trial):
         optimizer_options={"momentum": 0.9},
         learning_rate=hypermeta.LearningRate(init=(1e-3, 0.5), scope="per_group", segments=2),
         weight_decay=hypermeta.WeightDecay(init=(1e-6, 1e-2)),
-        # exact unrolls on the whole validation split; the committed figures were drawn with these, before
-        # confirmation and the span existed and while a hyper-step came on one window in four
-        hypergradient=hypermeta.Hypergradient(
-            estimator="unrolled", valid_batch_size=None, horizon=20, meta_lr=(0.02, 0.5),
-            every=4, confirm=False, span=None,
-        ),
+        hypergradient=hypermeta.Hypergradient(),
     )
 
 

@@ -3,7 +3,7 @@
 ``higher``'s own versions differ from ``torch.optim`` (Adam adds ``eps`` before the bias
 correction) and its Adam yields NaN second-order gradients through ``sqrt`` at 0 (higher#125).
 Ours reproduce ``torch.optim.SGD`` / ``torch.optim.Adam`` step for step, so that an unrolled run
-with a meta learning rate of 0 is the plain run, and take the square root safely.
+whose values do not move is the plain run, and take the square root safely.
 """
 
 from __future__ import annotations

@@ -14,23 +14,36 @@ from __future__ import annotations
 import torch
 
 from hypermeta._private.modes import validation_mode
-from hypermeta._private.plain import plain_step, snapshot, trained_in_place
+from hypermeta._private.plain import plain_step, restore, snapshot, trained_in_place
 from hypermeta._private.window import Window
 
 
-def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
-    """With ``settle``, the directions as they stood before the last ``settle`` steps and at the
-    end are contracted with the same validation gradient."""
+def greedy_window(run, start: int, n_steps: int) -> Window:
+    """Train ``n_steps`` plain steps, summing each update's derivatives; contract them with the validation gradient."""
     model, optimizer, hyper = run.model, run.optimizer, run.hyper
     saved = snapshot(model, optimizer)
     groups = [[p.detach() for p in group["params"]] for group in optimizer.param_groups]
+    try:
+        train_losses, lr_directions, wd_directions = _directions(run, groups, start, n_steps)
+        valid_loss, valid_grads = _valid_gradient(run, groups)
+    except BaseException:  # a window cut short (a loop of the user's own stopped mid-window) leaves no trace
+        restore(model, optimizer, saved)
+        raise
+    return trained_in_place(
+        model, optimizer, saved, train_losses, valid_loss=valid_loss,
+        hypergradients=_hypergradients(hyper, valid_grads, lr_directions, wd_directions),
+    )
+
+
+def _directions(run, groups, start: int, n_steps: int):
+    """The window's plain steps: their losses and the summed derivatives of the updates (per log-tensor
+    entry, group and parameter)."""
+    model, optimizer, hyper = run.model, run.optimizer, run.hyper
     lr_slot = _slots(hyper.log_lr.shape[1])
     wd_slot = None if hyper.log_weight_decay is None else _slots(len(hyper.log_weight_decay))
     lr_directions, wd_directions = {}, {}  # (row, column) of the log tensor -> group -> per-parameter sums
-    train_losses, settled = [], None
+    train_losses = []
     for step in range(start, start + n_steps):
-        if step == start + n_steps - settle:
-            settled = [_copy(lr_directions), _copy(wd_directions)]
         before = None if _lr_direction_in_state(optimizer) else [torch._foreach_mul(p, 1.0) for p in groups]
         # Looked up by the optimizer's own parameters: the detached copies in ``groups`` are not its keys.
         had_state = wd_slot and [[bool(optimizer.state.get(p)) for p in g["params"]] for g in optimizer.param_groups]
@@ -48,16 +61,11 @@ def greedy_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
             _accumulate(lr_directions, (segment, lr_slot(index)), index, d_lr)
             if wd_slot is not None:
                 d_wd = [
-                    _d_update_d_weight_decay(optimizer, group, p, w, had)
+                    d_update_d_weight_decay(optimizer, group, p, w, had)
                     for p, w, had in zip(group["params"], weights, had_state[index], strict=True)
                 ]
                 _accumulate(wd_directions, (0, wd_slot(index)), index, d_wd)
-    valid_loss, valid_grads = _valid_gradient(run, groups)
-    return trained_in_place(
-        model, optimizer, saved, train_losses, valid_loss=valid_loss,
-        hypergradients=_hypergradients(hyper, valid_grads, lr_directions, wd_directions),
-        settled=None if settled is None else _hypergradients(hyper, valid_grads, *settled),
-    )
+    return train_losses, lr_directions, wd_directions
 
 
 def _hypergradients(hyper, valid_grads, lr_directions: dict, wd_directions: dict) -> list[torch.Tensor]:
@@ -65,13 +73,6 @@ def _hypergradients(hyper, valid_grads, lr_directions: dict, wd_directions: dict
     if hyper.log_weight_decay is not None:
         grads.append(_contract(wd_directions, valid_grads, hyper.log_weight_decay[None])[0])
     return grads
-
-
-def _copy(directions: dict) -> dict:
-    return {
-        key: {group: [d.clone() for d in sums] for group, sums in per_group.items()}
-        for key, per_group in directions.items()
-    }
 
 
 def _lr_direction_in_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -115,7 +116,7 @@ def _contract(directions: dict, valid_grads: list, log_values: torch.Tensor) -> 
     return out * log_values.detach().exp()
 
 
-def _d_update_d_weight_decay(optimizer, group, p, weight_before, had_state: bool) -> torch.Tensor:
+def d_update_d_weight_decay(optimizer, group, p, weight_before, had_state: bool) -> torch.Tensor:
     """d(new weight)/d(weight decay) for one step with the optimizer state before it fixed."""
     lr, wd = group["lr"], group["weight_decay"]
     state = optimizer.state[p]

@@ -59,11 +59,9 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved) -> 
     load_optimizer_state(optimizer, state)
 
 
-def trained_in_place(
-    model, optimizer, saved, train_losses, *, valid_loss=None, hypergradients=None, settled=None
-) -> Window:
+def trained_in_place(model, optimizer, saved, train_losses, *, valid_loss=None, hypergradients=None) -> Window:
     """The window of plain steps already taken on ``model``: nothing to commit, undone from ``saved``."""
     return Window(
         train_loss=torch.stack(train_losses).mean(), valid_loss=valid_loss, hypergradients=hypergradients,
-        settled=settled, commit=nothing, rollback=lambda: restore(model, optimizer, saved),
+        commit=nothing, rollback=lambda: restore(model, optimizer, saved),
     )

@@ -10,12 +10,8 @@ from hypermeta._private.modes import batch_norms, copy_buffers, fresh_buffers, v
 from hypermeta._private.window import Window, nothing
 
 
-def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window:
+def unrolled_window(run, start: int, n_steps: int) -> Window:
     """Train ``n_steps`` differentiably from the committed state; nothing is written until commit.
-
-    The last ``settle`` steps take their values from copies of the leaves, so one backward pass
-    gives both the whole window's hypergradient and the settled one (without those steps), each
-    exact.
 
     The patched model trains in train mode on its own copies of the buffers (BatchNorm running
     statistics), which commit writes back with the weights; the validation loss is taken in
@@ -27,30 +23,25 @@ def unrolled_window(run, start: int, n_steps: int, *, settle: int = 0) -> Window
     train_losses = []
     norms = batch_norms(fmodel)
     leaves = hyper.tensors()
-    copies = [leaf.detach().clone().requires_grad_() for leaf in leaves] if settle else []
     overrides = {}  # the values of a segment computed once: fewer graph nodes to go back through
     for step in range(start, start + n_steps):
         x, y = run.train_batches.next()
         fresh_buffers(norms)
         loss = run.loss_fn(fmodel(x), y)
-        key = (hyper.segment(step), step >= start + n_steps - settle)  # (segment, settling)
-        if key not in overrides:
-            overrides[key] = hyper.override(step, copies if key[1] else None)
-        differentiable.step(loss, override=overrides[key])
+        segment = hyper.segment(step)
+        if segment not in overrides:
+            overrides[segment] = hyper.override(step)
+        differentiable.step(loss, override=overrides[segment])
         train_losses.append(loss.detach())
     x, y = run.valid_batches.next()
     with validation_mode(fmodel):
         valid_loss = run.loss_fn(fmodel(x), y)
-    grads = torch.autograd.grad(valid_loss, leaves + copies, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves + copies, grads, strict=True)]
-    settled, of_settling = grads[:len(leaves)], grads[len(leaves):]
-    whole = [s + c for s, c in zip(settled, of_settling, strict=True)] if settle else settled
+    grads = torch.autograd.grad(valid_loss, leaves, allow_unused=True)
     fast_params = list(fmodel.fast_params)
     return Window(
         train_loss=torch.stack(train_losses).mean(),
         valid_loss=valid_loss.detach(),
-        hypergradients=whole,
-        settled=settled if settle else None,
+        hypergradients=[torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)],
         commit=lambda: _write_back(differentiable, optimizer, model, fmodel, fast_params),
         rollback=nothing,
     )

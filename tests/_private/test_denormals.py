@@ -52,7 +52,7 @@ def test_the_users_loop_and_the_window_thread_both_flush(digits):
 
     result = train_loop(
         loop, mlp(hidden=16), steps=10, learning_rate=hypermeta.LearningRate(init=0.1),
-        hypergradient=hypermeta.Hypergradient(horizon=5, estimator="unrolled", every=1),
+        hypergradient=hypermeta.Hypergradient(horizon=5, estimator="unrolled"),
     )
     assert result.evaluations["valid_flushing"].tolist() == [1.0]
     assert seen.get(False) and all(seen[False])  # the window's worker thread

@@ -7,10 +7,10 @@ from hypermeta._private.diffopt import safe_sqrt
 from hypermeta._private.window import Window, nothing
 
 
-def _window(train=1.0, valid=1.0, grad=0.0, settled=None):
+def _window(train=1.0, valid=1.0, grad=0.0):
     return Window(
         train_loss=torch.tensor(train), valid_loss=torch.tensor(valid), hypergradients=[torch.tensor([grad])],
-        settled=None if settled is None else [torch.tensor([settled])], commit=nothing, rollback=nothing,
+        commit=nothing, rollback=nothing,
     )
 
 
@@ -22,20 +22,11 @@ def _window(train=1.0, valid=1.0, grad=0.0, settled=None):
         (_window(valid=math.inf), "validation loss is not finite"),
         (_window(valid=50.0), "validation loss 50 exceeds the limit 10"),
         (_window(grad=math.nan), "hypergradient is not finite"),
-        (_window(settled=math.inf), "hypergradient is not finite"),
+        (_window(grad=-math.inf), "hypergradient is not finite"),
     ],
 )
 def test_window_problem_names_what_went_wrong(window, problem):
     assert window.problem(10.0) == problem
-
-
-def test_a_window_moves_where_the_settled_hypergradient_agrees_in_sign():
-    window = Window(
-        train_loss=torch.tensor(1.0), valid_loss=None, hypergradients=[torch.tensor([1.0, -2.0, 3.0])],
-        settled=[torch.tensor([0.5, 1.0, 4.0])], commit=nothing, rollback=nothing,
-    )
-    assert window.moves[0].tolist() == [0.5, 0.0, 4.0]
-    assert _window(grad=2.0).moves[0].tolist() == [2.0]  # no settling steps: the hypergradient itself
 
 
 def test_safe_sqrt_has_a_zero_gradient_at_zero():
