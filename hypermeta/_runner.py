@@ -78,10 +78,17 @@ class RunOptions:
 
 
 def load_study_file(path: str | Path) -> Study:
-    """The one :class:`Study` a study file defines."""
+    """The one :class:`Study` a study file defines.
+
+    The file's directory goes first on ``sys.path``, as for a script run beside it, so that the file
+    imports the modules next to it (also when ``build`` imports them later).
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"study file {path} does not exist; give the path of a .py file under studies/")
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     try:
         namespace = runpy.run_path(str(path), run_name=f"hypermeta_study_{path.stem}")
     except SyntaxError as error:

@@ -170,6 +170,23 @@ def test_threads_sets_pytorch_s_cpu_threads(tmp_path):
         torch.set_num_threads(1)  # as conftest set it
 
 
+def test_a_study_file_imports_the_module_beside_it(tmp_path, monkeypatch):
+    """As ``python studies/tiny.py`` would: the file's directory is first on ``sys.path``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # put back what the run adds
+    (tmp_path / "tiny_widths.py").write_text("WIDTHS = (8, 16)\n")
+    text = study_text().replace("import hypermeta\n", "import hypermeta\nfrom tiny_widths import WIDTHS\n", 1)
+    (tmp_path / "tiny.py").write_text(text.replace('trial.suggest_int("width", 8, 32, log=True)',
+                                                   'trial.suggest_categorical("width", WIDTHS)'))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    try:
+        code, _, err = cli("run", tmp_path / "tiny.py", "--n-trials", 1, "--quiet", "--storage", url)
+    finally:
+        sys.modules.pop("tiny_widths", None)
+    assert code == 0, err
+    (trial,) = optuna.load_study(study_name="tiny", storage=url).trials
+    assert trial.params["width"] in (8, 16)
+
+
 def test_run_says_when_a_running_trial_of_another_worker_is_counted(tmp_path):
     (tmp_path / "tiny.py").write_text(study_text())
     url = f"sqlite:///{tmp_path / 'study.db'}"
