@@ -265,6 +265,7 @@ def within_budget(trials: pd.DataFrame, budget: Budget) -> pd.Series:
 def summarize(counted: pd.DataFrame, *, direction: str) -> pd.DataFrame:
     """Per arm and seed: the best of the ``counted`` trials, its test metrics, and what was spent."""
     rows = []
+    tests = [column for column in counted.columns if column.startswith("test_")]
     for (arm, seed), within in counted.groupby(["arm", "seed"]):
         done = within[within["value"].notna()]
         best = done.loc[done["value"].idxmin() if direction == "minimize" else done["value"].idxmax()] if len(
@@ -272,11 +273,22 @@ def summarize(counted: pd.DataFrame, *, direction: str) -> pd.DataFrame:
         rows.append({
             "arm": arm, "seed": seed, "trials": len(within),
             "best valid": best["value"] if best is not None else math.nan,
-            "test accuracy": best.get("test_accuracy", math.nan) if best is not None else math.nan,
-            "test macro-F1": best.get("test_macro_f1", math.nan) if best is not None else math.nan,
             "steps": int(within["steps"].sum()), "seconds": float(within["seconds"].sum()),
+            **{_test_label(column): best[column] if best is not None else math.nan for column in tests},
         })
     return pd.DataFrame(rows)
+
+
+def _test_label(column: str) -> str:
+    """``test_macro_f1`` -> ``test macro-F1``, ``test_mae`` -> ``test mae``."""
+    return "test " + {"macro_f1": "macro-F1"}.get(column.removeprefix("test_"), column.removeprefix("test_"))
+
+
+def _test_columns(summary: pd.DataFrame) -> list[str]:
+    """The test metrics some arm measured: accuracy and macro-F1 first, the loss last."""
+    present = [c for c in summary.columns if c.startswith("test ") and summary[c].notna().any()]
+    order = {"test accuracy": 0, "test macro-F1": 1, "test loss": 3}
+    return sorted(present, key=lambda column: (order.get(column, 2), column))
 
 
 def budget_fraction_to_reach(counted: pd.DataFrame, *, seed: int, budget: Budget, direction: str) -> float:
@@ -339,6 +351,7 @@ def write_report(study: Study, trials: pd.DataFrame, *, budget: Budget, out: Pat
 def markdown_table(
     summary: pd.DataFrame, *, study: Study, budget: Budget, fractions: list[float], median_fraction: float
 ) -> str:
+    tests = _test_columns(summary)
     lines = [
         f"# compare {study.name}: equal budget of {budget.total:g} {budget.unit}, {summary['seed'].nunique()} seeds",
         "",
@@ -346,15 +359,15 @@ def markdown_table(
         *(["", f"Each search arm spent the last {budget.finish:g} of its budget on one finishing run of its best "
                "trial's choices (hypermeta's from the values that trial learned, adapting)."] if budget.finish else []),
         "",
-        "| arm | best valid | test accuracy | test macro-F1 | trials | steps | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | best valid | " + "".join(f"{column} | " for column in tests) + "trials | steps | seconds |",
+        "|---|---|" + "---|" * len(tests) + "---|---|---|",
     ]
     for arm in ARMS:
         rows = summary[summary["arm"] == arm]
         lines.append(
-            f"| {arm} | {_spread(rows['best valid'], '.4f')} | {_spread(rows['test accuracy'], '.3f')} | "
-            f"{_spread(rows['test macro-F1'], '.3f')} | {rows['trials'].median():.0f} | {rows['steps'].median():.0f} | "
-            f"{rows['seconds'].median():.1f} |"
+            f"| {arm} | {_spread(rows['best valid'], '.4f')} | "
+            + "".join(f"{_spread(rows[column], '.3f' if column != 'test loss' else '.4f')} | " for column in tests)
+            + f"{rows['trials'].median():.0f} | {rows['steps'].median():.0f} | {rows['seconds'].median():.1f} |"
         )
     shown = ", ".join(_fraction(f) for f in fractions)
     medians = summary.groupby("arm")["best valid"].median()

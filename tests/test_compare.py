@@ -63,6 +63,27 @@ def test_compare_writes_every_file(report):
     ]
 
 
+def test_the_table_shows_the_test_metrics_that_exist(report, tmp_path):
+    """A classifier: accuracy, macro-F1, loss. A regression: its own metric and the loss, no accuracy."""
+    header = next(line for line in (report / "README.md").read_text().splitlines() if line.startswith("| arm"))
+    assert header == "| arm | best valid | test accuracy | test macro-F1 | test loss | trials | steps | seconds |"
+    regression = STUDY.replace("torch.nn.Linear(width, 10)", "torch.nn.Linear(width, 1)").replace(
+        "data=DATA,", "data=REGRESSION, loss_fn=torch.nn.functional.mse_loss,"
+        " metrics={'mae': lambda out, y: (out - y).abs().mean()},").replace(
+        "DATA = hypermeta.datasets.digits()", "DATA = hypermeta.datasets.digits()\n"
+        "REGRESSION = hypermeta.Dataset(**{name: hypermeta.Split(part.x, part.y.float().unsqueeze(1) / 9)"
+        " for name, part in (('train', DATA.train), ('valid', DATA.valid), ('test', DATA.test))})")
+    (tmp_path / "regression.py").write_text(regression)
+    out = tmp_path / "out"
+    assert _cli.main(["compare", str(tmp_path / "regression.py"), "--budget-steps", "80", "--seeds", "1",
+                      "--out", str(out)]) == 0
+    lines = (out / "README.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| arm"))
+    assert header == "| arm | best valid | test mae | test loss | trials | steps | seconds |"
+    hypermeta_row = next(line for line in lines if line.startswith("| hypermeta"))
+    assert float(hypermeta_row.split(" | ")[2].split()[0]) > 0  # the test mae of hypermeta's best trial
+
+
 def test_every_arm_and_seed_spends_the_same_budget(report):
     trials = pd.read_csv(report / "trials.csv")
     summary = pd.read_csv(report / "summary.csv")
