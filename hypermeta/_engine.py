@@ -144,11 +144,11 @@ class HyperOptimizer:
     the initial values.
 
     ``steps``, the run's length, paces the learning rates (see :class:`Hypergradient`; without
-    it the run is taken to go on as long again as it has gone) and is needed by learning-rate
-    schedules (``segments > 1``). The divergence guard works as in :func:`hypermeta.train`, with
-    the limit ``max_loss_ratio`` times the first step's training loss: a rejected window's steps
-    are undone (weights, buffers, optimizer state), and once the guard gives up :meth:`step`
-    raises :class:`Diverged`.
+    it the run is taken to go on as long again as it has gone) and is required by learning-rate
+    schedules (``segments > 1``), whose segments split it. The divergence guard works as in
+    :func:`hypermeta.train`, with the limit ``max_loss_ratio`` times the first step's training
+    loss: a rejected window's steps are undone (weights, buffers, optimizer state), and once the
+    guard gives up :meth:`step` raises :class:`Diverged`.
 
     Example:
         >>> import torch, torch.nn.functional as F, hypermeta
@@ -181,6 +181,11 @@ class HyperOptimizer:
         initial_values: dict[str, float] | None = None,
         max_loss_ratio: float = 10.0,
     ) -> None:
+        if steps is None and learning_rate.segments > 1:
+            raise ValueError(
+                f"a learning-rate schedule of {learning_rate.segments} segments splits the run's steps; "
+                "give HyperOptimizer(steps=...), the length of your run"
+            )
         self._handoff = Handoff()
         groups = parameter_groups(model)
         run = _new_run(

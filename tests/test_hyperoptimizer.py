@@ -224,3 +224,11 @@ def test_closing_a_loop_stopped_mid_window_ends_its_thread(small_digits):
     assert _threads_end(before) and hyper.steps == 3  # nothing of the window under way was kept
     for got, want in zip(hyper.model.parameters(), kept, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_schedule_without_the_runs_length_is_refused():
+    """Segments split the run's steps: without ``steps`` only the first would ever train."""
+    with pytest.raises(ValueError, match=r"schedule of 3 segments .* give HyperOptimizer\(steps=\.\.\.\)"):
+        hypermeta.HyperOptimizer(mlp(), learning_rate=hypermeta.LearningRate(init=0.1, segments=3))
+    hyper = hypermeta.HyperOptimizer(mlp(), learning_rate=hypermeta.LearningRate(init=0.1, segments=3), steps=30)
+    assert len(hyper.hyperparameters) == 3
