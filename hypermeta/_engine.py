@@ -198,7 +198,7 @@ class HyperOptimizer:
     @classmethod
     def _on_run(
         cls, run: _Run, *, hypergradient, steps, initial_values, initial_loss: float, max_loss_ratio: float,
-        plain_window: int, seconds: float | None = None,
+        plain_window: int, stop_at: float = math.inf,
     ) -> HyperOptimizer:
         """One driven window by window on ``run``'s own batch streams (how :func:`train` uses it).
 
@@ -210,8 +210,8 @@ class HyperOptimizer:
         self._handoff = None  # train() drives whole windows itself
         self._start(run, hypergradient, steps, initial_values, max_loss_ratio, plain_window)
         self._initial_loss = initial_loss
-        if seconds is not None:
-            self._deadline = (time.perf_counter(), seconds)
+        if stop_at < math.inf:
+            self._deadline = (time.perf_counter(), stop_at)
         return self
 
     def _start(
@@ -225,7 +225,7 @@ class HyperOptimizer:
         self._meta = _MetaStep(run.hyper, hypergradient, self._steps_left) if hypergradient else None
         self._horizon = hypergradient.horizon if hypergradient else plain_window
         self._guard = _Guard()
-        self._deadline = None  # (start, seconds) of a run with a time budget
+        self._deadline = None  # (start, stop time) of a run with a time budget, on time.perf_counter()
         self._plain = None  # the plain steps of the user's current window
         self._window_start = self._window_end = 0
         self._done = 0  # the steps of the windows kept so far
@@ -239,10 +239,10 @@ class HyperOptimizer:
         run), or what its time budget will allow at the pace so far."""
         left = step if self._total is None else self._total - step
         if self._deadline is not None:
-            started, seconds = self._deadline
-            elapsed = time.perf_counter() - started
-            if elapsed > 0:
-                left = min(left, step * max(seconds - elapsed, 0.0) / elapsed)
+            started, stop_at = self._deadline
+            now = time.perf_counter()
+            if now > started:
+                left = min(left, step * max(stop_at - now, 0.0) / (now - started))
         return left
 
     def close(self) -> None:
@@ -452,12 +452,12 @@ def train(
     problem = fit_problem(model, run.train_batches.peek(), loss_fn, "train")
     if problem:
         raise ValueError(problem)
+    initial_loss = evaluate(model, data.valid, loss_fn)["loss"]
+    stop_at = math.inf if seconds is None else time.perf_counter() + seconds
     hyper = HyperOptimizer._on_run(
         run, hypergradient=hypergradient, steps=steps, initial_values=initial_values,
-        initial_loss=evaluate(model, data.valid, loss_fn)["loss"], max_loss_ratio=max_loss_ratio,
-        plain_window=eval_every, seconds=seconds,
+        initial_loss=initial_loss, max_loss_ratio=max_loss_ratio, plain_window=eval_every, stop_at=stop_at,
     )
-    stop_at = math.inf if seconds is None else time.perf_counter() + seconds
     with flushing_denormals():
         outcome = _loop(hyper, data.valid, metrics, steps, eval_every, on_evaluation, on_steps or (lambda n: None),
                         stop_at)

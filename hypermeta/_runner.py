@@ -457,7 +457,6 @@ class TrialRunner:
         finish = trial.user_attrs.get(FINISH)
         if finish is None:
             self._drop_if_surplus(trial, "not run")
-        self._trial_started = time.perf_counter()
         seed = self.seed + trial.number
         torch.manual_seed(seed)
         setup = self.study.build(trial)
@@ -473,7 +472,7 @@ class TrialRunner:
             if finish["seconds"] is not None:
                 budget = {"seconds": finish["seconds"]}
         self.progress.start_trial(setup.steps if setup.steps < UNTIL_THE_DEADLINE else None)
-        started = time.perf_counter()
+        started = self._trial_started = time.perf_counter()
         result = setup.train(
             initial_values=initial_values, seed=seed, device=self.device,
             on_steps=lambda n: self._on_steps(trial, n, surplus_check=finish is None),
